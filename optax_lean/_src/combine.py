@@ -1,0 +1,137 @@
+"""Combinators: a numerator over a denominator, and decay after the update."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class ScaleByRatioState(NamedTuple):
+  """State of ``scale_by_ratio``: the states of its two transformations."""
+
+  numerator: optax.OptState
+  denominator: optax.OptState
+
+
+def scale_by_ratio(
+    numerator: optax.GradientTransformation,
+    denominator: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Divides one transformation's output by another's statistic of the gradient.
+
+  Both transformations see the *raw* gradient :math:`g`. With a numerator
+  :math:`N(g)` (e.g. a momentum) and a normalizing transformation whose update
+  is :math:`g / D(g)` (e.g. ``scale_by_subset_norm``), the result is
+
+  .. math::
+    u = N(g) / D(g).
+
+  This is how Adam-type optimizers are built from parts: AdamSNSM is
+  ``scale_by_ratio(scale_by_subspace_momentum(...), scale_by_subset_norm(...))``.
+  It differs from ``optax.chain(denominator, numerator)``, which would take the
+  momentum of already-normalised gradients (a different algorithm), and from
+  ``optax.chain(numerator, denominator)``, which would accumulate the second
+  moment of the momentum instead of the gradient.
+
+  Args:
+    numerator: Any gradient transformation.
+    denominator: A normalizing transformation whose ``update`` accepts a
+      keyword ``numerator`` (the tree it divides instead of the gradient), such
+      as ``scale_by_subset_norm``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    ``ScaleByRatioState``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_lean
+    >>> adam_sn = optax_lean.scale_by_ratio(
+    ...     optax.ema(0.9, debias=True),
+    ...     optax_lean.scale_by_subset_norm(0.999, bias_correction=True))
+    >>> state = adam_sn.init({'w': jnp.ones((4, 3))})
+  """
+  numerator = optax.with_extra_args_support(numerator)
+
+  def init_fn(params):
+    return ScaleByRatioState(numerator.init(params), denominator.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    top, numerator_state = numerator.update(
+        updates, state.numerator, params, **extra_args
+    )
+    ratio, denominator_state = denominator.update(
+        updates, state.denominator, params, numerator=top, **extra_args
+    )
+    return ratio, ScaleByRatioState(numerator_state, denominator_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class AddDecayedWeightsAfterUpdateState(NamedTuple):
+  """State of ``add_decayed_weights_after_update``."""
+
+  count: chex.Array  # shape=(), dtype=jnp.int32
+
+
+def add_decayed_weights_after_update(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: chex.Numeric = 0.0,
+    mask: Any | None = None,
+) -> optax.GradientTransformation:
+  r"""Decoupled weight decay applied to the already-updated parameters.
+
+  Placed after ``optax.scale_by_learning_rate``, it turns an update :math:`u`
+  (already scaled by :math:`-\eta_t`) into
+
+  .. math::
+    u' = u - \eta_t \lambda (p + u),
+
+  so that :math:`p + u' = (p + u)(1 - \eta_t \lambda)`: the parameters are
+  first updated, then decayed, with the scheduled learning rate, as in Hugging
+  Face's AdamW and the official SN-SM and GaLore code. ``optax.adamw`` instead
+  decays the pre-update parameters; the two differ by :math:`\eta_t^2
+  \lambda u`.
+
+  Args:
+    learning_rate: The same learning rate (or schedule) as the update's.
+    weight_decay: Decay strength :math:`\lambda`.
+    mask: A pytree (or prefix) of bools, or a callable returning one, choosing
+      the leaves to decay. Default: all.
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+
+  Examples:
+    >>> import optax, optax_lean
+    >>> tx = optax.chain(optax.scale_by_adam(),
+    ...                  optax.scale_by_learning_rate(1e-3),
+    ...                  optax_lean.add_decayed_weights_after_update(1e-3, 0.1))
+  """
+
+  def init_fn(params):
+    del params
+    return AddDecayedWeightsAfterUpdateState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          'add_decayed_weights_after_update needs params: call '
+          'update(updates, state, params).'
+      )
+    step_size = learning_rate(state.count) if callable(learning_rate) else learning_rate
+
+    def decay(u, p):
+      scale = jnp.asarray(step_size * weight_decay, u.dtype)
+      return u - scale * (p.astype(u.dtype) + u)
+
+    updates = jax.tree.map(decay, updates, params)
+    return updates, AddDecayedWeightsAfterUpdateState(
+        count=optax.safe_increment(state.count)
+    )
+
+  tx = optax.GradientTransformation(init_fn, update_fn)
+  return tx if mask is None else optax.masked(tx, mask)

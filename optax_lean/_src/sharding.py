@@ -1,0 +1,197 @@
+"""Optimizer-state sharding, and the sharding-in-types plumbing behind it.
+
+JAX meshes come in two flavours. Under *Auto* axes, shardings live outside the
+types and XLA propagates them; optimizer states should then be created with
+``jax.jit(tx.init, out_shardings=state_sharding(...))``. Under *Explicit* axes
+(the default of ``jax.make_mesh`` since JAX 0.7) every array type carries its
+sharding, and operations that cannot infer an output sharding (contractions
+over sharded axes, reshapes across shards, SVD/QR of sharded matrices) need an
+explicit one. The helpers here pass those shardings when, and only when, the
+operands carry explicit shardings, so the same transformation code runs
+unsharded, under Auto and under Explicit meshes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+
+def explicit_sharding(x: Any) -> NamedSharding | None:
+  """``x``'s sharding if it is carried in its type (an Explicit mesh)."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    sharding = x.sharding
+  else:
+    sharding = jax.typeof(x).sharding
+  if isinstance(sharding, NamedSharding) and AxisType.Explicit in getattr(
+      sharding.mesh, 'axis_types', ()
+  ):
+    return sharding
+  return None
+
+
+def padded_spec(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+  """``spec`` as a tuple with one entry per axis."""
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def spec_of(x: Any) -> tuple[Any, ...]:
+  """The per-axis explicit sharding of ``x`` (all ``None`` if it has none)."""
+  sharding = explicit_sharding(x)
+  spec = sharding.spec if sharding is not None else PartitionSpec()
+  return padded_spec(spec, jnp.ndim(x))
+
+
+def num_shards(x: Any, entry: Any) -> int:
+  """How many shards the spec ``entry`` makes on ``x``'s explicit mesh."""
+  sharding = explicit_sharding(x)
+  if sharding is None or entry is None:
+    return 1
+  names = entry if isinstance(entry, tuple) else (entry,)
+  count = 1
+  for name in names:
+    count *= sharding.mesh.shape[name]
+  return count
+
+
+def compute_dtype(*dtypes: jax.typing.DTypeLike) -> jnp.dtype:
+  """float64 if any of ``dtypes`` is, else float32: the dtype for state maths.
+
+  Elementwise optimizer maths runs in float32 whatever the storage dtype, as
+  the moments of a bf16 model lose too much in bf16 arithmetic; results are
+  cast back to their storage dtypes.
+  """
+  if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def named_like(x: Any, spec: tuple[Any, ...]) -> NamedSharding | None:
+  """A sharding with ``spec`` on ``x``'s explicit mesh, or ``None``."""
+  sharding = explicit_sharding(x)
+  if sharding is None:
+    return None
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+def reshard(x: jax.Array, spec: tuple[Any, ...]) -> jax.Array:
+  """Moves ``x`` to ``spec`` on its explicit mesh; a no-op otherwise."""
+  target = named_like(x, spec)
+  if target is None or padded_spec(target.spec, x.ndim) == spec_of(x):
+    return x
+  return jax.sharding.reshard(x, target)
+
+
+def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Gives ``x`` the explicit sharding of ``like`` (same rank)."""
+  if explicit_sharding(like) is None:
+    return x
+  return reshard(x, spec_of(like))
+
+
+def einsum(
+    subscripts: str,
+    *operands: jax.Array,
+    out_spec: tuple[Any, ...],
+    out_dtype: jax.typing.DTypeLike | None = None,
+) -> jax.Array:
+  """``jnp.einsum`` with an output sharding under Explicit meshes.
+
+  Operands are multiplied in their own (common) dtype and accumulated in
+  ``out_dtype``, so bf16 operands keep bf16 matmul speed.
+  """
+  out_sharding = None
+  for operand in operands:
+    out_sharding = named_like(operand, out_spec)
+    if out_sharding is not None:
+      break
+  return jnp.einsum(
+      subscripts,
+      *operands,
+      out_sharding=out_sharding,
+      preferred_element_type=out_dtype,
+  )
+
+
+def reshape(
+    x: jax.Array, shape: tuple[int, ...], out_spec: tuple[Any, ...]
+) -> jax.Array:
+  """``jnp.reshape`` with an output sharding under Explicit meshes."""
+  return jnp.reshape(x, shape, out_sharding=named_like(x, out_spec))
+
+
+def zeros(
+    shape: tuple[int, ...],
+    dtype: jax.typing.DTypeLike,
+    like: Any,
+    spec: tuple[Any, ...],
+) -> jax.Array:
+  """Zeros sharded as ``spec`` on the explicit mesh of ``like``, if any."""
+  return jnp.zeros(shape, dtype, out_sharding=named_like(like, spec))
+
+
+def state_sharding(
+    tx: Any, params: Any, param_sharding: Any | None = None
+) -> Any:
+  """Maps parameter shardings to the shardings of ``tx``'s state.
+
+  Every state leaf gets the sharding that its own rule gives it: moments shaped
+  like a parameter copy its sharding; subset-norm accumulators keep the
+  sharding of the axis they keep; low-rank moments keep the sharding of their
+  full-size axis and replicate the rank axis; projectors take the sharding of
+  the axis they span; scalars and keys are replicated. The rule is read off
+  ``tx.init`` itself, traced under an Explicit copy of the mesh, so it is
+  right for any chain of optax and optax_lean transformations.
+
+  Args:
+    tx: An ``optax.GradientTransformation``.
+    params: The parameters, as arrays or ``jax.ShapeDtypeStruct``.
+    param_sharding: A tree of ``NamedSharding`` matching ``params``. Defaults
+      to ``params``' own ``.sharding``.
+
+  Returns:
+    A tree of ``NamedSharding`` with the structure of ``tx.init(params)``, on
+    the parameters' mesh (with its own axis types), ready for ``jax.jit``'s
+    ``out_shardings``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_lean
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ('fsdp',))
+    >>> params = {'w': jnp.ones((8, 4))}
+    >>> shd = {'w': NamedSharding(mesh, P('fsdp', None))}
+    >>> tx = optax_lean.adamsnsm(1e-2, rank=2)
+    >>> state_shd = optax_lean.state_sharding(tx, params, shd)
+    >>> state = jax.jit(tx.init, out_shardings=state_shd)(params)
+  """
+  if param_sharding is None:
+    param_sharding = jax.tree.map(lambda p: p.sharding, params)
+  shardings = jax.tree.leaves(param_sharding)
+  if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
+    raise ValueError(
+        'state_sharding: param_sharding must be a tree of NamedSharding '
+        '(one per parameter, on one mesh).'
+    )
+  mesh = shardings[0].mesh
+  explicit = Mesh(
+      mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(
+          mesh.axis_names)
+  )
+  abstract = jax.tree.map(
+      lambda p, s: jax.ShapeDtypeStruct(
+          p.shape, p.dtype, sharding=NamedSharding(explicit, s.spec)
+      ),
+      params,
+      param_sharding,
+  )
+  with jax.set_mesh(explicit):
+    shapes = jax.eval_shape(tx.init, abstract)
+
+  def to_mesh(leaf):
+    spec = leaf.sharding.spec if leaf.sharding is not None else PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(to_mesh, shapes)

@@ -1,0 +1,335 @@
+"""Subspace-Momentum (SM): momentum kept only inside a rank-r subspace.
+
+Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and
+Subspace-Momentum with Convergence Guarantees <https://arxiv.org/abs/2411.07120>`_,
+ICML 2025; official code https://github.com/timmytonga/sn-sm
+(``subspace_momentum.py``, ``projectors/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree as otu
+
+from optax_lean._src import checks
+from optax_lean._src import projectors as proj_lib
+from optax_lean._src import sharding
+from optax_lean._src.dimension_numbers import (
+    DimensionNumbersOrFn,
+    MaskOrFn,
+    MatrixLayout,
+    resolve_layouts,
+)
+
+MOMENTUM_ON_REFRESH = ('official', 'reset', 'keep', 'rotate')
+
+
+class ScaleBySubspaceMomentumState(NamedTuple):
+  """State of ``scale_by_subspace_momentum``.
+
+  Attributes:
+    count: Number of updates so far (``shape=(), dtype=int32``).
+    mu: Per leaf, the momentum. For a leaf with the rule it lives in the
+      subspace: its ``(…, in, out)`` view with the projected axis shrunk to the
+      rank. Other leaves keep a full exponential moving average.
+    projector: Per leaf with the rule, the projector's state (a basis, a PRNG
+      key or indices, see ``Projector``); ``None`` for the other leaves.
+  """
+
+  count: chex.Array
+  mu: optax.Updates
+  projector: optax.Updates
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspacePlan:
+  """Where a leaf's subspace sits: its layout, projected axis and rank."""
+
+  layout: MatrixLayout
+  axis: int
+  rank: int
+
+  @classmethod
+  def resolve(
+      cls, layout: MatrixLayout, projector: proj_lib.Projector, rank: int
+  ) -> SubspacePlan:
+    n_in, n_out = layout.in_size, layout.out_size
+    return cls(
+        layout,
+        projector.axis(n_in, n_out),
+        min(rank, projector.max_rank(n_in, n_out)),
+    )
+
+  @property
+  def size(self) -> int:
+    """Length of the projected axis."""
+    return self.layout.matrix_shape[self.axis]
+
+  @property
+  def basis_shape(self) -> tuple[int, ...]:
+    return (*self.layout.batch_shape, self.size, self.rank)
+
+  def momentum_shape(self) -> tuple[int, ...]:
+    shape = list(self.layout.matrix_shape)
+    shape[self.axis] = self.rank
+    return tuple(shape)
+
+  def momentum_spec(self, matrix_spec: tuple) -> tuple:
+    spec = list(matrix_spec)
+    spec[self.axis] = None
+    return tuple(spec)
+
+
+def plan_subspaces(
+    tree,
+    projector: proj_lib.Projector,
+    rank: int,
+    mask: MaskOrFn | None,
+    dimension_numbers: DimensionNumbersOrFn | None,
+    *,
+    warn: bool = False,
+) -> list[SubspacePlan | None]:
+  """The subspace plan of each leaf of ``tree`` (``None``: no subspace).
+
+  A rank larger than a matrix allows is clipped, as the official code's
+  reduced SVD does, with a ``UserWarning`` when ``warn`` is set.
+  """
+  plans = []
+  for layout in resolve_layouts(tree, mask, dimension_numbers):
+    plan = None if layout is None else SubspacePlan.resolve(layout, projector, rank)
+    if warn and plan is not None and plan.rank < rank:
+      warnings.warn(
+          f'rank {rank} exceeds what the {projector.name!r} projector allows '
+          f'for a leaf of shape {layout.shape}; using rank {plan.rank}.',
+          UserWarning,
+          stacklevel=3,
+      )
+    plans.append(plan)
+  return plans
+
+
+def refresh_due(count_inc: chex.Array, update_proj_gap: int) -> chex.Array:
+  """The official schedule: refresh at step 1 and whenever ``t % gap == 0``."""
+  return (count_inc == 1) | (count_inc % update_proj_gap == 0)
+
+
+def _empty_momentum() -> optax.GradientTransformationExtraArgs:
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update_fn
+  )
+
+
+def scale_by_subspace_momentum(
+    b1: chex.Numeric = 0.9,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    projector: str | proj_lib.Projector = 'svd',
+    *,
+    momentum_on_refresh: str = 'official',
+    bias_correction: bool = False,
+    mask: MaskOrFn | None = None,
+    dimension_numbers: DimensionNumbersOrFn | None = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    projector_dtype: jax.typing.DTypeLike | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Momentum inside a rank-``r`` subspace, plain gradient outside it.
+
+  For a matrix gradient :math:`G_t` and a basis :math:`B` (``size x r``,
+  orthonormal columns) of one of its axes, refreshed every
+  ``update_proj_gap`` steps:
+
+  .. math::
+    R_t = B^\top G_t, \qquad m_t = \beta_1 m_{t-1} + (1 - \beta_1) R_t,
+    \qquad N_t = B m_t + (G_t - B R_t).
+
+  The momentum costs :math:`r \cdot \max(m, n)` numbers instead of
+  :math:`mn`; the orthogonal complement gets plain SGD. With
+  ``bias_correction`` the whole :math:`N_t` is divided by
+  :math:`1 - \beta_1^t`, as in the official code. Leaves without the rule
+  (see ``mask``) get a full momentum :math:`N_t = m_t`.
+
+  The step count ``t`` starts at 1. The projector is refreshed at ``t = 1``
+  and whenever ``t % update_proj_gap == 0``, inside ``jax.lax.cond`` on the
+  scalar count. What the momentum does at a refresh (``momentum_on_refresh``):
+
+  - ``'official'``: the official code's quirk. At a refresh with ``t > 1``
+    this step's numerator still uses the old momentum (whose coordinates
+    belong to the old basis), and the stored momentum is then zeroed.
+  - ``'reset'``: zeroed before this step's update.
+  - ``'keep'``: carried over unchanged (the official ``overlap_state``).
+  - ``'rotate'``: carried into the new basis, :math:`m \leftarrow
+    B_{new}^\top B_{old} m`. With a full rank this equals momentum without
+    projection.
+
+  Args:
+    b1: Momentum decay, in ``[0, 1)``. With ``b1 = 0`` there is no state and
+      the gradient passes through.
+    rank: Subspace rank ``r >= 1``, clipped (with a warning) to what each
+      matrix allows: ``min(in, out)`` for the SVD family, ``max(in, out)``
+      for coordinate subsets.
+    update_proj_gap: Steps between refreshes, ``>= 1``.
+    projector: ``'svd'`` (exact, sign-canonicalised), ``'randomized_svd'``
+      (a range finder, much cheaper), ``'random'`` (a seeded orthonormal
+      Gaussian basis; only a key is stored), ``'uniform'`` or ``'topk'``
+      (coordinate subsets of the larger axis), or a ``Projector``.
+    momentum_on_refresh: ``'official'``, ``'reset'``, ``'keep'`` or
+      ``'rotate'`` (see above).
+    bias_correction: Divide by :math:`1 - \beta_1^t`.
+    mask: Which leaves get the subspace: a pytree (or prefix) of bools, or a
+      callable returning one. Default: every 2-D leaf whose path does not
+      contain ``embed``.
+    dimension_numbers: How selected leaves read as ``(…, in, out)``; see
+      ``DimensionNumbers``. Default: the last two axes, leading axes batch.
+    mu_dtype: Dtype of the momentum; default: the leaf's dtype.
+    projector_dtype: Dtype of a stored basis; default: the leaf's dtype.
+    seed: Seed of the randomized projectors.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_lean
+    >>> tx = optax.chain(
+    ...     optax_lean.scale_by_subspace_momentum(rank=2, update_proj_gap=10),
+    ...     optax.scale_by_learning_rate(0.1))
+    >>> state = tx.init({'w': jnp.ones((4, 6))})
+    >>> state[0].mu['w'].shape, state[0].projector['w'].shape
+    ((2, 6), (4, 2))
+
+  References:
+    Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and
+    Subspace-Momentum with Convergence Guarantees
+    <https://arxiv.org/abs/2411.07120>`_, ICML 2025
+  """
+  checks.in_interval('b1', b1, 0.0, 1.0)
+  checks.positive_int('rank', rank)
+  checks.positive_int('update_proj_gap', update_proj_gap)
+  checks.one_of('momentum_on_refresh', momentum_on_refresh, MOMENTUM_ON_REFRESH)
+  projector = proj_lib.get_projector(projector)
+  if checks.is_zero(b1):
+    return _empty_momentum()
+
+  def plans(tree, warn=False):
+    return plan_subspaces(
+        tree, projector, rank, mask, dimension_numbers, warn=warn
+    )
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    mus, projs = [], []
+    for p, plan in zip(leaves, plans(params, warn=True)):
+      dtype = p.dtype if mu_dtype is None else mu_dtype
+      if plan is None:
+        mus.append(otu.zeros_like(p, dtype=dtype))
+        projs.append(None)
+        continue
+      spec = tuple(plan.layout.matrix_spec(sharding.spec_of(p)))
+      mus.append(
+          sharding.zeros(plan.momentum_shape(), dtype, p, plan.momentum_spec(spec))
+      )
+      shape, state_dtype = projector.state_shape(
+          plan.layout.batch_shape, plan.size, plan.rank
+      )
+      if state_dtype is None:
+        state_dtype = p.dtype if projector_dtype is None else projector_dtype
+      proj_spec = projector.state_spec(spec[:-2], spec[plan.axis])
+      projs.append(sharding.zeros(shape, state_dtype, p, proj_spec))
+    return ScaleBySubspaceMomentumState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.unflatten(treedef, mus),
+        projector=jax.tree.unflatten(treedef, projs),
+    )
+
+  def update_matrix(g, mu, proj_state, plan, leaf_index, count_inc):
+    dtype = sharding.compute_dtype(g.dtype, mu.dtype)
+    g_a = proj_lib.to_projected_rows(plan.layout.to_matrix(g), plan.axis)
+    mu_a = proj_lib.to_projected_rows(mu, plan.axis)
+
+    def on_refresh(operands):
+      mu_a, old = operands
+      key = jax.random.fold_in(
+          jax.random.fold_in(jax.random.key(seed), leaf_index), count_inc
+      )
+      new = projector.refresh(g_a, old, plan.rank, key)
+      if momentum_on_refresh == 'reset':
+        mu_a = jnp.zeros_like(mu_a)
+      elif momentum_on_refresh == 'rotate':
+        rotation = proj_lib.change_of_basis(
+            projector.basis(new, plan.basis_shape, dtype),
+            projector.basis(old, plan.basis_shape, dtype),
+            dtype,
+        )
+        mu_a = sharding.einsum(
+            '...rs,...sc->...rc',
+            rotation,
+            mu_a.astype(dtype),
+            out_spec=sharding.spec_of(mu_a),
+        ).astype(mu_a.dtype)
+      return mu_a, new
+
+    mu_a, proj_state = jax.lax.cond(
+        refresh_due(count_inc, update_proj_gap),
+        on_refresh,
+        lambda operands: operands,
+        (mu_a, proj_state),
+    )
+    basis = projector.basis(proj_state, plan.basis_shape, g.dtype)
+    projected = proj_lib.project(g_a, basis, dtype)
+    decay = jnp.asarray(b1, dtype)
+    momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
+    numerator = g_a.astype(dtype) + proj_lib.back_project(
+        (momentum - projected).astype(g.dtype), basis, g_a, dtype
+    )
+    if momentum_on_refresh == 'official':
+      reset = (count_inc > 1) & (count_inc % update_proj_gap == 0)
+      momentum = jnp.where(reset, jnp.zeros_like(momentum), momentum)
+    numerator = plan.layout.from_matrix(
+        proj_lib.to_projected_rows(numerator, plan.axis)
+    )
+    new_mu = proj_lib.to_projected_rows(momentum, plan.axis)
+    return numerator, new_mu, proj_state
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    count_inc = optax.safe_increment(state.count)
+    leaves, treedef = jax.tree.flatten(updates)
+    mus = treedef.flatten_up_to(state.mu)
+    projs = treedef.flatten_up_to(state.projector)
+    outputs, new_mus, new_projs = [], [], []
+    for index, (g, mu, proj_state, plan) in enumerate(
+        zip(leaves, mus, projs, plans(updates))
+    ):
+      if plan is None:
+        dtype = sharding.compute_dtype(g.dtype, mu.dtype)
+        decay = jnp.asarray(b1, dtype)
+        numerator = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
+        new_mu = numerator
+      else:
+        numerator, new_mu, proj_state = update_matrix(
+            g, mu, proj_state, plan, index, count_inc
+        )
+      if bias_correction:
+        decay = jnp.asarray(b1, numerator.dtype)
+        numerator = numerator / (1 - decay ** count_inc.astype(numerator.dtype))
+      outputs.append(sharding.reshard_like(numerator.astype(g.dtype), g))
+      new_mus.append(sharding.reshard_like(new_mu.astype(mu.dtype), mu))
+      new_projs.append(proj_state)
+    return jax.tree.unflatten(treedef, outputs), ScaleBySubspaceMomentumState(
+        count=count_inc,
+        mu=jax.tree.unflatten(treedef, new_mus),
+        projector=jax.tree.unflatten(treedef, new_projs),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
