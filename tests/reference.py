@@ -46,20 +46,20 @@ class GenericOptimReference:
   """
 
   def __init__(
-      self,
-      shape,
-      *,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-6,
-      correct_bias=True,
-      momentum='sm',
-      second_moment='sn',
-      subset_size='heuristics',
-      rank=4,
-      gap=10,
-      proj_type='svd',
-      policy='official',
+    self,
+    shape,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+    correct_bias=True,
+    momentum='sm',
+    second_moment='sn',
+    subset_size='heuristics',
+    rank=4,
+    gap=10,
+    proj_type='svd',
+    policy='official',
   ):
     self.shape = shape
     self.b1, self.b2, self.eps = b1, b2, eps

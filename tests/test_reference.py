@@ -20,19 +20,19 @@ from tests.reference import GenericOptimReference
 STEPS, GAP, RANK = 30, 10, 3
 LR, WD = 0.05, 0.1
 SHAPES = {
-    'tall': (6, 10),  # Flax (in, out); PyTorch (10, 6): tall
-    'wide': (10, 6),  # PyTorch (6, 10): wide
-    'square': (8, 8),
-    'vector': (7,),
-    'stack': (3, 6, 10),  # three scanned (in, out) layers
+  'tall': (6, 10),  # Flax (in, out); PyTorch (10, 6): tall
+  'wide': (10, 6),  # PyTorch (6, 10): wide
+  'square': (8, 8),
+  'vector': (7,),
+  'stack': (3, 6, 10),  # three scanned (in, out) layers
 }
 MASK = {'tall': True, 'wide': True, 'square': True, 'vector': False, 'stack': True}
 DIMS = {
-    'tall': DimensionNumbers(),
-    'wide': DimensionNumbers(),
-    'square': DimensionNumbers(),
-    'vector': None,
-    'stack': DimensionNumbers(1, 2),
+  'tall': DimensionNumbers(),
+  'wide': DimensionNumbers(),
+  'square': DimensionNumbers(),
+  'vector': None,
+  'stack': DimensionNumbers(1, 2),
 }
 RULES = {'heuristic': 'heuristics', 5: 5, -2: -2}
 
@@ -52,9 +52,7 @@ def given_projector(projector, name, layer, kind):
   state = projector[name]
   if kind == 'random':
     size = min(SHAPES[name][-2:])
-    state = optax_lean.RandomProjector().basis(
-        state, (*SHAPES[name][:-2], size, RANK), jnp.float32
-    )
+    state = optax_lean.RandomProjector().basis(state, (*SHAPES[name][:-2], size, RANK), jnp.float32)
   state = np.asarray(state, np.float64)
   if name == 'stack':
     state = state[layer]
@@ -76,7 +74,7 @@ def run_against_reference(tx, make_reference, projector_of=None, kind=None):
     for name in SHAPES:
       got = torch_matrices(name, updates[name])
       for layer, (ref, g, p) in enumerate(
-          zip(refs[name], torch_matrices(name, grads[name]), torch_matrices(name, params[name]))
+        zip(refs[name], torch_matrices(name, grads[name]), torch_matrices(name, params[name]))
       ):
         given = None
         if kind in ('uniform', 'random', 'randomized_svd') and MASK[name]:
@@ -84,27 +82,36 @@ def run_against_reference(tx, make_reference, projector_of=None, kind=None):
         u = -LR * ref.step(g, given)
         expected = u - LR * WD * (p + u)
         np.testing.assert_allclose(
-            got[layer], expected, rtol=1e-5, atol=1e-6, err_msg=f'{name}[{layer}] t={ref.t}'
+          got[layer], expected, rtol=1e-5, atol=1e-6, err_msg=f'{name}[{layer}] t={ref.t}'
         )
     params = optax.apply_updates(params, updates)
 
 
-def reference_factory(*, momentum, second_moment, subset_size='heuristics', proj_type='svd',
-                      policy='official', b1=0.9, b2=0.999, correct_bias=True):
+def reference_factory(
+  *,
+  momentum,
+  second_moment,
+  subset_size='heuristics',
+  proj_type='svd',
+  policy='official',
+  b1=0.9,
+  b2=0.999,
+  correct_bias=True,
+):
   def make(name, shape):
     special = MASK[name]
     return GenericOptimReference(
-        shape,
-        b1=b1,
-        b2=b2,
-        correct_bias=correct_bias,
-        momentum=momentum if (special or momentum != 'sm') else 'ema',
-        second_moment=second_moment if (special or second_moment != 'sn') else 'ema',
-        subset_size=subset_size,
-        rank=RANK,
-        gap=GAP,
-        proj_type=proj_type,
-        policy=policy,
+      shape,
+      b1=b1,
+      b2=b2,
+      correct_bias=correct_bias,
+      momentum=momentum if (special or momentum != 'sm') else 'ema',
+      second_moment=second_moment if (special or second_moment != 'sn') else 'ema',
+      subset_size=subset_size,
+      rank=RANK,
+      gap=GAP,
+      proj_type=proj_type,
+      policy=policy,
     )
 
   return make
@@ -117,12 +124,19 @@ sm_projector = lambda state: state[0].numerator.projector
 @pytest.mark.parametrize('projector', ['svd', 'topk', 'uniform', 'random', 'randomized_svd'])
 def test_adamsnsm(subset_size, projector):
   tx = optax_lean.adamsnsm(
-      LR, weight_decay=WD, rank=RANK, update_proj_gap=GAP, projector=projector,
-      subset_size=subset_size, mask=MASK, dimension_numbers=DIMS,
+    LR,
+    weight_decay=WD,
+    rank=RANK,
+    update_proj_gap=GAP,
+    projector=projector,
+    subset_size=subset_size,
+    mask=MASK,
+    dimension_numbers=DIMS,
   )
   proj_type = 'given' if projector in ('random', 'randomized_svd') else projector
-  make = reference_factory(momentum='sm', second_moment='sn', subset_size=RULES[subset_size],
-                           proj_type=proj_type)
+  make = reference_factory(
+    momentum='sm', second_moment='sn', subset_size=RULES[subset_size], proj_type=proj_type
+  )
   run_against_reference(tx, make, sm_projector, projector)
 
 
@@ -130,8 +144,14 @@ def test_adamsnsm(subset_size, projector):
 @pytest.mark.parametrize('projector', ['svd', 'topk'])
 def test_momentum_on_refresh(policy, projector):
   tx = optax_lean.adamsnsm(
-      LR, weight_decay=WD, rank=RANK, update_proj_gap=GAP, projector=projector,
-      mask=MASK, dimension_numbers=DIMS, momentum_on_refresh=policy,
+    LR,
+    weight_decay=WD,
+    rank=RANK,
+    update_proj_gap=GAP,
+    projector=projector,
+    mask=MASK,
+    dimension_numbers=DIMS,
+    momentum_on_refresh=policy,
   )
   make = reference_factory(momentum='sm', second_moment='sn', proj_type=projector, policy=policy)
   run_against_reference(tx, make)
@@ -139,10 +159,12 @@ def test_momentum_on_refresh(policy, projector):
 
 @pytest.mark.parametrize('subset_size', list(RULES))
 def test_adamsn(subset_size):
-  tx = optax_lean.adamsn(LR, weight_decay=WD, subset_size=subset_size, mask=MASK,
-                         dimension_numbers=DIMS)
-  run_against_reference(tx, reference_factory(momentum='ema', second_moment='sn',
-                                              subset_size=RULES[subset_size]))
+  tx = optax_lean.adamsn(
+    LR, weight_decay=WD, subset_size=subset_size, mask=MASK, dimension_numbers=DIMS
+  )
+  run_against_reference(
+    tx, reference_factory(momentum='ema', second_moment='sn', subset_size=RULES[subset_size])
+  )
 
 
 def test_adamsn_without_momentum_is_bias_corrected_rmsprop_sn():
@@ -151,30 +173,38 @@ def test_adamsn_without_momentum_is_bias_corrected_rmsprop_sn():
 
 
 def test_rmsprop_sn():
-  tx = optax_lean.rmsprop_sn(LR, weight_decay=WD, subset_size=-2, mask=MASK,
-                             dimension_numbers=DIMS)
-  run_against_reference(tx, reference_factory(momentum='none', second_moment='sn',
-                                              subset_size=-2, b1=0.0, correct_bias=False))
+  tx = optax_lean.rmsprop_sn(LR, weight_decay=WD, subset_size=-2, mask=MASK, dimension_numbers=DIMS)
+  run_against_reference(
+    tx,
+    reference_factory(
+      momentum='none', second_moment='sn', subset_size=-2, b1=0.0, correct_bias=False
+    ),
+  )
 
 
 def test_adagrad_sn():
   tx = optax_lean.adagrad_sn(LR, weight_decay=WD, mask=MASK, dimension_numbers=DIMS)
-  run_against_reference(tx, reference_factory(momentum='ema', second_moment='sn', b2=1.0,
-                                              correct_bias=False))
+  run_against_reference(
+    tx, reference_factory(momentum='ema', second_moment='sn', b2=1.0, correct_bias=False)
+  )
 
 
 def test_adagrad_snsm():
-  tx = optax_lean.adagrad_snsm(LR, weight_decay=WD, rank=RANK, update_proj_gap=GAP, mask=MASK,
-                               dimension_numbers=DIMS)
-  run_against_reference(tx, reference_factory(momentum='sm', second_moment='sn', b2=1.0,
-                                              correct_bias=False))
+  tx = optax_lean.adagrad_snsm(
+    LR, weight_decay=WD, rank=RANK, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS
+  )
+  run_against_reference(
+    tx, reference_factory(momentum='sm', second_moment='sn', b2=1.0, correct_bias=False)
+  )
 
 
 def test_sgd_sm():
-  tx = optax_lean.sgd_sm(LR, weight_decay=WD, rank=RANK, update_proj_gap=GAP, mask=MASK,
-                         dimension_numbers=DIMS)
-  run_against_reference(tx, reference_factory(momentum='sm', second_moment='none',
-                                              correct_bias=False))
+  tx = optax_lean.sgd_sm(
+    LR, weight_decay=WD, rank=RANK, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS
+  )
+  run_against_reference(
+    tx, reference_factory(momentum='sm', second_moment='none', correct_bias=False)
+  )
 
 
 def test_sgd_sm_momentum_in_subspace_only():
@@ -185,4 +215,3 @@ def test_sgd_sm_momentum_in_subspace_only():
   assert state[0].mu['wide'].shape == (10, RANK)
   assert state[0].mu['stack'].shape == (3, RANK, 10)
   assert state[0].projector['vector'] is None
-

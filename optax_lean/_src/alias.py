@@ -26,7 +26,7 @@ from optax_lean._src.subspace_momentum import scale_by_subspace_momentum
 
 
 def _momentum(
-    b1: chex.Numeric, *, debias: bool, mu_dtype: jax.typing.DTypeLike | None
+  b1: chex.Numeric, *, debias: bool, mu_dtype: jax.typing.DTypeLike | None
 ) -> optax.GradientTransformation:
   """A full EMA momentum, or none when ``b1 == 0``."""
   checks.in_interval('b1', b1, 0.0, 1.0)
@@ -36,38 +36,38 @@ def _momentum(
 
 
 def _finish(
-    core: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: chex.Numeric,
-    weight_decay_mask: Any | None,
+  core: optax.GradientTransformation,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: chex.Numeric,
+  weight_decay_mask: Any | None,
 ) -> optax.GradientTransformationExtraArgs:
   checks.non_negative('weight_decay', weight_decay)
   return optax.chain(
-      core,
-      optax.scale_by_learning_rate(learning_rate),
-      add_decayed_weights_after_update(learning_rate, weight_decay, weight_decay_mask),
+    core,
+    optax.scale_by_learning_rate(learning_rate),
+    add_decayed_weights_after_update(learning_rate, weight_decay, weight_decay_mask),
   )
 
 
 def adamsnsm(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-6,
-    weight_decay: chex.Numeric = 0.0,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    projector: str | Projector = 'svd',
-    subset_size: SubsetSize = 'heuristic',
-    mask: MaskOrFn | None = None,
-    *,
-    momentum_on_refresh: str = 'official',
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
-    projector_dtype: jax.typing.DTypeLike | None = None,
-    seed: int = 0,
-    weight_decay_mask: Any | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: chex.Numeric = 0.9,
+  b2: chex.Numeric = 0.999,
+  eps: chex.Numeric = 1e-6,
+  weight_decay: chex.Numeric = 0.0,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  projector: str | Projector = 'svd',
+  subset_size: SubsetSize = 'heuristic',
+  mask: MaskOrFn | None = None,
+  *,
+  momentum_on_refresh: str = 'official',
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
+  projector_dtype: jax.typing.DTypeLike | None = None,
+  seed: int = 0,
+  weight_decay_mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamSNSM: subspace momentum over a subset-norm denominator.
 
@@ -123,11 +123,13 @@ def adamsnsm(
     >>> loss = lambda p: jnp.sum((jnp.ones(8) @ p['w'] + p['b'] - 1.0) ** 2)
     >>> tx = optax_lean.adamsnsm(1e-2, rank=2, update_proj_gap=10)
     >>> state = tx.init(params)
+    >>> print(f'{loss(params):.2f}')
+    196.00
     >>> for _ in range(3):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> print(f'{loss(params):.2f}')
-    195.70
+    187.69
 
   References:
     Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and
@@ -136,45 +138,45 @@ def adamsnsm(
   """
   checks.in_interval('b2', b2, 0.0, 1.0)
   core = scale_by_ratio(
-      scale_by_subspace_momentum(
-          b1,
-          rank,
-          update_proj_gap,
-          projector,
-          momentum_on_refresh=momentum_on_refresh,
-          bias_correction=True,
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          mu_dtype=mu_dtype,
-          projector_dtype=projector_dtype,
-          seed=seed,
-      ),
-      scale_by_subset_norm(
-          b2,
-          eps,
-          subset_size,
-          bias_correction=True,
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          nu_dtype=nu_dtype,
-      ),
+    scale_by_subspace_momentum(
+      b1,
+      rank,
+      update_proj_gap,
+      projector,
+      momentum_on_refresh=momentum_on_refresh,
+      bias_correction=True,
+      mask=mask,
+      dimension_numbers=dimension_numbers,
+      mu_dtype=mu_dtype,
+      projector_dtype=projector_dtype,
+      seed=seed,
+    ),
+    scale_by_subset_norm(
+      b2,
+      eps,
+      subset_size,
+      bias_correction=True,
+      mask=mask,
+      dimension_numbers=dimension_numbers,
+      nu_dtype=nu_dtype,
+    ),
   )
   return _finish(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def adamsn(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-6,
-    weight_decay: chex.Numeric = 0.0,
-    subset_size: SubsetSize = 'heuristic',
-    mask: MaskOrFn | None = None,
-    *,
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
-    weight_decay_mask: Any | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: chex.Numeric = 0.9,
+  b2: chex.Numeric = 0.999,
+  eps: chex.Numeric = 1e-6,
+  weight_decay: chex.Numeric = 0.0,
+  subset_size: SubsetSize = 'heuristic',
+  mask: MaskOrFn | None = None,
+  *,
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
+  weight_decay_mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamSN: Adam's momentum over a subset-norm second moment.
 
@@ -219,31 +221,31 @@ def adamsn(
   """
   checks.in_interval('b2', b2, 0.0, 1.0)
   core = scale_by_ratio(
-      _momentum(b1, debias=True, mu_dtype=mu_dtype),
-      scale_by_subset_norm(
-          b2,
-          eps,
-          subset_size,
-          bias_correction=True,
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          nu_dtype=nu_dtype,
-      ),
+    _momentum(b1, debias=True, mu_dtype=mu_dtype),
+    scale_by_subset_norm(
+      b2,
+      eps,
+      subset_size,
+      bias_correction=True,
+      mask=mask,
+      dimension_numbers=dimension_numbers,
+      nu_dtype=nu_dtype,
+    ),
   )
   return _finish(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def rmsprop_sn(
-    learning_rate: optax.ScalarOrSchedule,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-6,
-    weight_decay: chex.Numeric = 0.0,
-    subset_size: SubsetSize = 'heuristic',
-    mask: MaskOrFn | None = None,
-    *,
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
-    weight_decay_mask: Any | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b2: chex.Numeric = 0.999,
+  eps: chex.Numeric = 1e-6,
+  weight_decay: chex.Numeric = 0.0,
+  subset_size: SubsetSize = 'heuristic',
+  mask: MaskOrFn | None = None,
+  *,
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
+  weight_decay_mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop-SN: the gradient over a subset-norm second moment, no momentum.
 
@@ -281,28 +283,28 @@ def rmsprop_sn(
   """
   checks.in_interval('b2', b2, 0.0, 1.0)
   core = scale_by_subset_norm(
-      b2,
-      eps,
-      subset_size,
-      mask=mask,
-      dimension_numbers=dimension_numbers,
-      nu_dtype=nu_dtype,
+    b2,
+    eps,
+    subset_size,
+    mask=mask,
+    dimension_numbers=dimension_numbers,
+    nu_dtype=nu_dtype,
   )
   return _finish(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def adagrad_sn(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: chex.Numeric = 0.9,
-    eps: chex.Numeric = 1e-6,
-    weight_decay: chex.Numeric = 0.0,
-    subset_size: SubsetSize = 'heuristic',
-    mask: MaskOrFn | None = None,
-    *,
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
-    weight_decay_mask: Any | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: chex.Numeric = 0.9,
+  eps: chex.Numeric = 1e-6,
+  weight_decay: chex.Numeric = 0.0,
+  subset_size: SubsetSize = 'heuristic',
+  mask: MaskOrFn | None = None,
+  *,
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
+  weight_decay_mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaGrad-SN: momentum over an accumulated subset-norm, no bias correction.
 
@@ -339,37 +341,37 @@ def adagrad_sn(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
   core = scale_by_ratio(
-      _momentum(b1, debias=False, mu_dtype=mu_dtype),
-      scale_by_subset_norm(
-          1.0,
-          eps,
-          subset_size,
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          nu_dtype=nu_dtype,
-      ),
+    _momentum(b1, debias=False, mu_dtype=mu_dtype),
+    scale_by_subset_norm(
+      1.0,
+      eps,
+      subset_size,
+      mask=mask,
+      dimension_numbers=dimension_numbers,
+      nu_dtype=nu_dtype,
+    ),
   )
   return _finish(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def adagrad_snsm(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: chex.Numeric = 0.9,
-    eps: chex.Numeric = 1e-6,
-    weight_decay: chex.Numeric = 0.0,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    subset_size: SubsetSize = 'heuristic',
-    projector: str | Projector = 'svd',
-    mask: MaskOrFn | None = None,
-    *,
-    momentum_on_refresh: str = 'official',
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
-    projector_dtype: jax.typing.DTypeLike | None = None,
-    seed: int = 0,
-    weight_decay_mask: Any | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: chex.Numeric = 0.9,
+  eps: chex.Numeric = 1e-6,
+  weight_decay: chex.Numeric = 0.0,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  subset_size: SubsetSize = 'heuristic',
+  projector: str | Projector = 'svd',
+  mask: MaskOrFn | None = None,
+  *,
+  momentum_on_refresh: str = 'official',
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
+  projector_dtype: jax.typing.DTypeLike | None = None,
+  seed: int = 0,
+  weight_decay_mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaGrad-SNSM: subspace momentum over an accumulated subset-norm.
 
@@ -414,45 +416,45 @@ def adagrad_snsm(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
   core = scale_by_ratio(
-      scale_by_subspace_momentum(
-          b1,
-          rank,
-          update_proj_gap,
-          projector,
-          momentum_on_refresh=momentum_on_refresh,
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          mu_dtype=mu_dtype,
-          projector_dtype=projector_dtype,
-          seed=seed,
-      ),
-      scale_by_subset_norm(
-          1.0,
-          eps,
-          subset_size,
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          nu_dtype=nu_dtype,
-      ),
+    scale_by_subspace_momentum(
+      b1,
+      rank,
+      update_proj_gap,
+      projector,
+      momentum_on_refresh=momentum_on_refresh,
+      mask=mask,
+      dimension_numbers=dimension_numbers,
+      mu_dtype=mu_dtype,
+      projector_dtype=projector_dtype,
+      seed=seed,
+    ),
+    scale_by_subset_norm(
+      1.0,
+      eps,
+      subset_size,
+      mask=mask,
+      dimension_numbers=dimension_numbers,
+      nu_dtype=nu_dtype,
+    ),
   )
   return _finish(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def sgd_sm(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: chex.Numeric = 0.9,
-    weight_decay: chex.Numeric = 0.0,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    projector: str | Projector = 'svd',
-    mask: MaskOrFn | None = None,
-    *,
-    momentum_on_refresh: str = 'official',
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    projector_dtype: jax.typing.DTypeLike | None = None,
-    seed: int = 0,
-    weight_decay_mask: Any | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: chex.Numeric = 0.9,
+  weight_decay: chex.Numeric = 0.0,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  projector: str | Projector = 'svd',
+  mask: MaskOrFn | None = None,
+  *,
+  momentum_on_refresh: str = 'official',
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  projector_dtype: jax.typing.DTypeLike | None = None,
+  seed: int = 0,
+  weight_decay_mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with subspace momentum: :math:`p_t = p_{t-1} - \eta_t N_t`.
 
@@ -490,15 +492,15 @@ def sgd_sm(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
   core = scale_by_subspace_momentum(
-      b1,
-      rank,
-      update_proj_gap,
-      projector,
-      momentum_on_refresh=momentum_on_refresh,
-      mask=mask,
-      dimension_numbers=dimension_numbers,
-      mu_dtype=mu_dtype,
-      projector_dtype=projector_dtype,
-      seed=seed,
+    b1,
+    rank,
+    update_proj_gap,
+    projector,
+    momentum_on_refresh=momentum_on_refresh,
+    mask=mask,
+    dimension_numbers=dimension_numbers,
+    mu_dtype=mu_dtype,
+    projector_dtype=projector_dtype,
+    seed=seed,
   )
   return _finish(core, learning_rate, weight_decay, weight_decay_mask)

@@ -18,12 +18,12 @@ def _is_concrete(value: Any) -> bool:
 
 
 def in_interval(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    include_high: bool = False,
+  name: str,
+  value: Any,
+  low: float,
+  high: float,
+  *,
+  include_high: bool = False,
 ) -> None:
   """Raises ``ValueError`` unless ``low <= value < high`` (or ``<= high``)."""
   if not _is_concrete(value):

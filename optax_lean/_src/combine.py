@@ -18,8 +18,8 @@ class ScaleByRatioState(NamedTuple):
 
 
 def scale_by_ratio(
-    numerator: optax.GradientTransformation,
-    denominator: optax.GradientTransformationExtraArgs,
+  numerator: optax.GradientTransformation,
+  denominator: optax.GradientTransformationExtraArgs,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides one transformation's output by another's statistic of the gradient.
 
@@ -60,11 +60,9 @@ def scale_by_ratio(
     return ScaleByRatioState(numerator.init(params), denominator.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    top, numerator_state = numerator.update(
-        updates, state.numerator, params, **extra_args
-    )
+    top, numerator_state = numerator.update(updates, state.numerator, params, **extra_args)
     ratio, denominator_state = denominator.update(
-        updates, state.denominator, params, numerator=top, **extra_args
+      updates, state.denominator, params, numerator=top, **extra_args
     )
     return ratio, ScaleByRatioState(numerator_state, denominator_state)
 
@@ -78,9 +76,9 @@ class AddDecayedWeightsAfterUpdateState(NamedTuple):
 
 
 def add_decayed_weights_after_update(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: chex.Numeric = 0.0,
-    mask: Any | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: chex.Numeric = 0.0,
+  mask: Any | None = None,
 ) -> optax.GradientTransformation:
   r"""Decoupled weight decay applied to the already-updated parameters.
 
@@ -119,8 +117,7 @@ def add_decayed_weights_after_update(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
-          'add_decayed_weights_after_update needs params: call '
-          'update(updates, state, params).'
+        'add_decayed_weights_after_update needs params: call update(updates, state, params).'
       )
     step_size = learning_rate(state.count) if callable(learning_rate) else learning_rate
 
@@ -129,9 +126,7 @@ def add_decayed_weights_after_update(
       return u - scale * (p.astype(u.dtype) + u)
 
     updates = jax.tree.map(decay, updates, params)
-    return updates, AddDecayedWeightsAfterUpdateState(
-        count=optax.safe_increment(state.count)
-    )
+    return updates, AddDecayedWeightsAfterUpdateState(count=optax.safe_increment(state.count))
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import PartitionSpec
 
-Axes = Union[int, Sequence[int]]
+Axes = int | Sequence[int]
 
 
 class DimensionNumbers(NamedTuple):
@@ -43,10 +43,8 @@ class DimensionNumbers(NamedTuple):
   output_axis: Axes = -1
 
 
-DimensionNumbersOrFn = Union[
-    DimensionNumbers, Any, Callable[[Any], Any]
-]
-MaskOrFn = Union[Any, Callable[[Any], Any]]
+DimensionNumbersOrFn = DimensionNumbers | Any | Callable[[Any], Any]
+MaskOrFn = Any | Callable[[Any], Any]
 
 
 def _as_axes(axes: Axes, ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -54,8 +52,8 @@ def _as_axes(axes: Axes, ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
   for axis in axes:
     if not -ndim <= axis < ndim:
       raise ValueError(
-          f'dimension_numbers: axis {axis} is out of range for a leaf of '
-          f'shape {shape}; valid axes are {-ndim}..{ndim - 1}.'
+        f'dimension_numbers: axis {axis} is out of range for a leaf of '
+        f'shape {shape}; valid axes are {-ndim}..{ndim - 1}.'
       )
   return tuple(axis % ndim for axis in axes)
 
@@ -80,26 +78,22 @@ class MatrixLayout:
     return cls(tuple(shape), (), (), (0,))
 
   @classmethod
-  def from_dimension_numbers(
-      cls, shape: tuple[int, ...], dims: DimensionNumbers
-  ) -> MatrixLayout:
+  def from_dimension_numbers(cls, shape: tuple[int, ...], dims: DimensionNumbers) -> MatrixLayout:
     ndim = len(shape)
     if ndim < 2:
       raise ValueError(
-          f'dimension_numbers: a leaf of shape {shape} has fewer than 2 axes '
-          'and cannot be read as a matrix; leave it out with `mask`.'
+        f'dimension_numbers: a leaf of shape {shape} has fewer than 2 axes '
+        'and cannot be read as a matrix; leave it out with `mask`.'
       )
     in_axes = _as_axes(dims.reduction_axis, ndim, shape)
     out_axes = _as_axes(dims.output_axis, ndim, shape)
     if not in_axes or not out_axes or set(in_axes) & set(out_axes):
       raise ValueError(
-          f'dimension_numbers: reduction_axis {dims.reduction_axis} and '
-          f'output_axis {dims.output_axis} must be non-empty and disjoint '
-          f'for a leaf of shape {shape}.'
+        f'dimension_numbers: reduction_axis {dims.reduction_axis} and '
+        f'output_axis {dims.output_axis} must be non-empty and disjoint '
+        f'for a leaf of shape {shape}.'
       )
-    batch_axes = tuple(
-        a for a in range(ndim) if a not in in_axes and a not in out_axes
-    )
+    batch_axes = tuple(a for a in range(ndim) if a not in in_axes and a not in out_axes)
     return cls(tuple(shape), batch_axes, in_axes, out_axes)
 
   @property
@@ -125,9 +119,9 @@ class MatrixLayout:
   @property
   def is_identity(self) -> bool:
     return (
-        self._permutation == tuple(range(len(self.shape)))
-        and len(self.in_axes) == 1
-        and len(self.out_axes) == 1
+      self._permutation == tuple(range(len(self.shape)))
+      and len(self.in_axes) == 1
+      and len(self.out_axes) == 1
     )
 
   def matrix_spec(self, spec: PartitionSpec) -> PartitionSpec:
@@ -139,9 +133,9 @@ class MatrixLayout:
     spec = tuple(spec) + (None,) * (len(self.shape) - len(spec))
     group = lambda axes: spec[axes[0]] if len(axes) == 1 else None
     return PartitionSpec(
-        *(spec[a] for a in self.batch_axes),
-        group(self.in_axes),
-        group(self.out_axes),
+      *(spec[a] for a in self.batch_axes),
+      group(self.in_axes),
+      group(self.out_axes),
     )
 
   def gather_spec(self, spec: PartitionSpec) -> PartitionSpec:
@@ -187,18 +181,16 @@ def _is_spec_leaf(x: Any) -> bool:
 
 def _broadcast_to_leaves(prefix: Any, tree: Any, is_leaf=None) -> list[Any]:
   """Broadcasts a prefix tree onto the leaves of ``tree``, in leaf order."""
-  full = jax.tree.map(
-      lambda p, sub: jax.tree.map(lambda _: p, sub), prefix, tree, is_leaf=is_leaf
-  )
+  full = jax.tree.map(lambda p, sub: jax.tree.map(lambda _: p, sub), prefix, tree, is_leaf=is_leaf)
   return jax.tree.structure(tree).flatten_up_to(full)
 
 
 def resolve_layouts(
-    tree: Any,
-    mask: MaskOrFn | None = None,
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    *,
-    allow_vectors: bool = False,
+  tree: Any,
+  mask: MaskOrFn | None = None,
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  *,
+  allow_vectors: bool = False,
 ) -> list[MatrixLayout | None]:
   """The layout of each leaf of ``tree`` that gets the special rule.
 
@@ -225,9 +217,7 @@ def resolve_layouts(
   selected = _broadcast_to_leaves(mask_tree, tree)
   if dimension_numbers is None:
     dimension_numbers = DimensionNumbers()
-  if callable(dimension_numbers) and not isinstance(
-      dimension_numbers, DimensionNumbers
-  ):
+  if callable(dimension_numbers) and not isinstance(dimension_numbers, DimensionNumbers):
     dimension_numbers = dimension_numbers(tree)
   dims = _broadcast_to_leaves(dimension_numbers, tree, is_leaf=_is_spec_leaf)
   layouts = []
@@ -239,5 +229,3 @@ def resolve_layouts(
     else:
       layouts.append(MatrixLayout.from_dimension_numbers(tuple(leaf.shape), dim))
   return layouts
-
-

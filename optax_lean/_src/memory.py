@@ -37,8 +37,8 @@ def state_bytes(state: Any) -> int:
 def state_bytes_by_leaf(state: Any) -> dict[str, int]:
   """Bytes of each leaf of ``state``, keyed by its path (``jax.tree_util.keystr``)."""
   return {
-      jax.tree_util.keystr(path): _nbytes(leaf)
-      for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+    jax.tree_util.keystr(path): _nbytes(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
   }
 
 

@@ -48,47 +48,43 @@ def to_projected_rows(x: jax.Array, axis: int) -> jax.Array:
   return x if axis == -2 else jnp.swapaxes(x, -1, -2)
 
 
-def project(
-    g_a: jax.Array, basis: jax.Array, out_dtype: jax.typing.DTypeLike
-) -> jax.Array:
+def project(g_a: jax.Array, basis: jax.Array, out_dtype: jax.typing.DTypeLike) -> jax.Array:
   """``B^T G_a``: coordinates of ``G_a``'s columns in the subspace."""
   spec = sharding.spec_of(g_a)
   return sharding.einsum(
-      '...kr,...kc->...rc',
-      basis,
-      g_a,
-      out_spec=(*spec[:-2], None, spec[-1]),
-      out_dtype=out_dtype,
+    '...kr,...kc->...rc',
+    basis,
+    g_a,
+    out_spec=(*spec[:-2], None, spec[-1]),
+    out_dtype=out_dtype,
   )
 
 
 def back_project(
-    x_a: jax.Array,
-    basis: jax.Array,
-    like: jax.Array,
-    out_dtype: jax.typing.DTypeLike,
+  x_a: jax.Array,
+  basis: jax.Array,
+  like: jax.Array,
+  out_dtype: jax.typing.DTypeLike,
 ) -> jax.Array:
   """``B X_a``: back to the full space, sharded like ``like``."""
   return sharding.einsum(
-      '...kr,...rc->...kc',
-      basis,
-      x_a,
-      out_spec=sharding.spec_of(like),
-      out_dtype=out_dtype,
+    '...kr,...rc->...kc',
+    basis,
+    x_a,
+    out_spec=sharding.spec_of(like),
+    out_dtype=out_dtype,
   )
 
 
-def change_of_basis(
-    new: jax.Array, old: jax.Array, out_dtype: jax.typing.DTypeLike
-) -> jax.Array:
+def change_of_basis(new: jax.Array, old: jax.Array, out_dtype: jax.typing.DTypeLike) -> jax.Array:
   """``B_new^T B_old``, which carries subspace coordinates to the new basis."""
   spec = sharding.spec_of(new)
   return sharding.einsum(
-      '...kr,...ks->...rs',
-      new,
-      old,
-      out_spec=(*spec[:-2], None, None),
-      out_dtype=out_dtype,
+    '...kr,...ks->...rs',
+    new,
+    old,
+    out_spec=(*spec[:-2], None, None),
+    out_dtype=out_dtype,
   )
 
 
@@ -113,14 +109,12 @@ class Projector(abc.ABC):
 
   @abc.abstractmethod
   def state_shape(
-      self, batch_shape: tuple[int, ...], size: int, rank: int
+    self, batch_shape: tuple[int, ...], size: int, rank: int
   ) -> tuple[tuple[int, ...], jax.typing.DTypeLike | None]:
     """Shape and dtype (``None``: the state dtype) of the stored state."""
 
   @abc.abstractmethod
-  def state_spec(
-      self, batch_spec: tuple[Any, ...], axis_spec: Any
-  ) -> tuple[Any, ...]:
+  def state_spec(self, batch_spec: tuple[Any, ...], axis_spec: Any) -> tuple[Any, ...]:
     """Sharding of the stored state, given those of the batch and the axis."""
 
   @abc.abstractmethod
@@ -129,16 +123,16 @@ class Projector(abc.ABC):
 
   @abc.abstractmethod
   def basis(
-      self, state: jax.Array, shape: tuple[int, ...], dtype: jax.typing.DTypeLike
+    self, state: jax.Array, shape: tuple[int, ...], dtype: jax.typing.DTypeLike
   ) -> jax.Array:
     """The dense orthonormal basis ``(…, size, rank)`` a state stands for."""
 
   def refresh(
-      self,
-      g_a: jax.Array,
-      state: jax.Array,
-      rank: int,
-      key: jax.Array,
+    self,
+    g_a: jax.Array,
+    state: jax.Array,
+    rank: int,
+    key: jax.Array,
   ) -> jax.Array:
     """Recomputes the state from ``G_a``, keeping ``state`` where that fails.
 
@@ -222,16 +216,20 @@ class RandomizedSVDProjector(_DenseProjector):
   def compute(self, g_a, rank, key):
     size, cols = g_a.shape[-2:]
     width = min(rank + self.oversample, size, cols)
-    omega = jax.random.normal(key, (*g_a.shape[:-2], cols, width), g_a.dtype)
+    batch_spec = sharding.spec_of(g_a)[:-2]
+    omega = jax.random.normal(
+      key,
+      (*g_a.shape[:-2], cols, width),
+      g_a.dtype,
+      out_sharding=sharding.named_like(g_a, (*batch_spec, None, None)),
+    )
     q = g_a @ omega
     for _ in range(self.power_iterations):
       q, _ = jnp.linalg.qr(q)
       q = g_a @ (jnp.swapaxes(g_a, -1, -2) @ q)
     q, _ = jnp.linalg.qr(q)
     if width > rank:
-      small, _, _ = jnp.linalg.svd(
-          jnp.swapaxes(q, -1, -2) @ g_a, full_matrices=False
-      )
+      small, _, _ = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ g_a, full_matrices=False)
       q = q @ small[..., :rank]
     return canonicalize_signs(q[..., :rank])
 
@@ -305,7 +303,11 @@ class UniformProjector(_CoordinateProjector):
   reads_gradient: ClassVar[bool] = False
 
   def compute(self, g_a, rank, key):
-    scores = jax.random.uniform(key, g_a.shape[:-1])
+    scores = jax.random.uniform(
+      key,
+      g_a.shape[:-1],
+      out_sharding=sharding.named_like(g_a, sharding.spec_of(g_a)[:-1]),
+    )
     return jax.lax.top_k(scores, rank)[1].astype(jnp.int32)
 
 
@@ -322,14 +324,14 @@ class TopKProjector(_CoordinateProjector):
 
 
 PROJECTORS: dict[str, type[Projector]] = {
-    cls.name: cls
-    for cls in (
-        SVDProjector,
-        RandomizedSVDProjector,
-        RandomProjector,
-        UniformProjector,
-        TopKProjector,
-    )
+  cls.name: cls
+  for cls in (
+    SVDProjector,
+    RandomizedSVDProjector,
+    RandomProjector,
+    UniformProjector,
+    TopKProjector,
+  )
 }
 
 
@@ -339,7 +341,6 @@ def get_projector(projector: str | Projector) -> Projector:
     return projector
   if projector not in PROJECTORS:
     raise ValueError(
-        f'projector must be one of {sorted(PROJECTORS)} or a Projector, '
-        f'got {projector!r}.'
+      f'projector must be one of {sorted(PROJECTORS)} or a Projector, got {projector!r}.'
     )
   return PROJECTORS[projector]()

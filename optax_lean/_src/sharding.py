@@ -27,7 +27,7 @@ def explicit_sharding(x: Any) -> NamedSharding | None:
   else:
     sharding = jax.typeof(x).sharding
   if isinstance(sharding, NamedSharding) and AxisType.Explicit in getattr(
-      sharding.mesh, 'axis_types', ()
+    sharding.mesh, 'axis_types', ()
   ):
     return sharding
   return None
@@ -93,10 +93,10 @@ def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def einsum(
-    subscripts: str,
-    *operands: jax.Array,
-    out_spec: tuple[Any, ...],
-    out_dtype: jax.typing.DTypeLike | None = None,
+  subscripts: str,
+  *operands: jax.Array,
+  out_spec: tuple[Any, ...],
+  out_dtype: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
   """``jnp.einsum`` with an output sharding under Explicit meshes.
 
@@ -109,33 +109,34 @@ def einsum(
     if out_sharding is not None:
       break
   return jnp.einsum(
-      subscripts,
-      *operands,
-      out_sharding=out_sharding,
-      preferred_element_type=out_dtype,
+    subscripts,
+    *operands,
+    out_sharding=out_sharding,
+    preferred_element_type=out_dtype,
   )
 
 
-def reshape(
-    x: jax.Array, shape: tuple[int, ...], out_spec: tuple[Any, ...]
-) -> jax.Array:
+def reshape(x: jax.Array, shape: tuple[int, ...], out_spec: tuple[Any, ...]) -> jax.Array:
   """``jnp.reshape`` with an output sharding under Explicit meshes."""
   return jnp.reshape(x, shape, out_sharding=named_like(x, out_spec))
 
 
 def zeros(
-    shape: tuple[int, ...],
-    dtype: jax.typing.DTypeLike,
-    like: Any,
-    spec: tuple[Any, ...],
+  shape: tuple[int, ...],
+  dtype: jax.typing.DTypeLike,
+  like: Any,
+  spec: tuple[Any, ...],
 ) -> jax.Array:
   """Zeros sharded as ``spec`` on the explicit mesh of ``like``, if any."""
-  return jnp.zeros(shape, dtype, out_sharding=named_like(like, spec))
+  target = named_like(like, spec)
+  if target is not None and not isinstance(like, jax.core.Tracer):
+    # Outside a trace, an explicit out_sharding needs a mesh context; a jitted
+    # constructor with out_shardings allocates each shard in place instead.
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=target)()
+  return jnp.zeros(shape, dtype, out_sharding=target)
 
 
-def state_sharding(
-    tx: Any, params: Any, param_sharding: Any | None = None
-) -> Any:
+def state_sharding(tx: Any, params: Any, param_sharding: Any | None = None) -> Any:
   """Maps parameter shardings to the shardings of ``tx``'s state.
 
   Every state leaf gets the sharding that its own rule gives it: moments shaped
@@ -172,20 +173,17 @@ def state_sharding(
   shardings = jax.tree.leaves(param_sharding)
   if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
     raise ValueError(
-        'state_sharding: param_sharding must be a tree of NamedSharding '
-        '(one per parameter, on one mesh).'
+      'state_sharding: param_sharding must be a tree of NamedSharding '
+      '(one per parameter, on one mesh).'
     )
   mesh = shardings[0].mesh
   explicit = Mesh(
-      mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(
-          mesh.axis_names)
+    mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names)
   )
   abstract = jax.tree.map(
-      lambda p, s: jax.ShapeDtypeStruct(
-          p.shape, p.dtype, sharding=NamedSharding(explicit, s.spec)
-      ),
-      params,
-      param_sharding,
+    lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(explicit, s.spec)),
+    params,
+    param_sharding,
   )
   with jax.set_mesh(explicit):
     shapes = jax.eval_shape(tx.init, abstract)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -17,16 +17,15 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks
-from optax_lean._src import sharding
+from optax_lean._src import checks, sharding
 from optax_lean._src.dimension_numbers import (
-    DimensionNumbersOrFn,
-    MaskOrFn,
-    MatrixLayout,
-    resolve_layouts,
+  DimensionNumbersOrFn,
+  MaskOrFn,
+  MatrixLayout,
+  resolve_layouts,
 )
 
-SubsetSize = Union[str, int]
+SubsetSize = str | int
 HEURISTIC = 'heuristic'
 
 
@@ -67,9 +66,7 @@ class SubsetRule:
   size: int = 1
 
   @classmethod
-  def resolve(
-      cls, subset_size: SubsetSize, layout: MatrixLayout | None
-  ) -> SubsetRule:
+  def resolve(cls, subset_size: SubsetSize, layout: MatrixLayout | None) -> SubsetRule:
     if layout is None:
       return cls('elementwise')
     if subset_size == HEURISTIC:
@@ -81,8 +78,8 @@ class SubsetRule:
     if subset_size > 0:
       if subset_size > numel:
         raise ValueError(
-            f'subset_size must be at most the size of each selected leaf, '
-            f'got {subset_size} for a leaf of shape {layout.shape}.'
+          f'subset_size must be at most the size of each selected leaf, '
+          f'got {subset_size} for a leaf of shape {layout.shape}.'
         )
       target = subset_size
     else:
@@ -97,9 +94,7 @@ class SubsetRule:
       return (*batch, n_in, 1)
     return (*batch, n_in * n_out // self.size, 1)
 
-  def state_spec(
-      self, layout: MatrixLayout, like: Any, spec: tuple[Any, ...]
-  ) -> tuple[Any, ...]:
+  def state_spec(self, layout: MatrixLayout, like: Any, spec: tuple[Any, ...]) -> tuple[Any, ...]:
     """Sharding of the state, given the leaf ``like`` and its ``spec``."""
     matrix_spec = tuple(layout.matrix_spec(spec))
     batch, in_spec, out_spec = matrix_spec[:-2], matrix_spec[-2], matrix_spec[-1]
@@ -115,14 +110,12 @@ class SubsetRule:
     chunks = layout.in_size * layout.out_size // self.size
     return out_spec if chunks % sharding.num_shards(like, out_spec) == 0 else None
 
-  def _chunk_view(
-      self, matrix: jax.Array, layout: MatrixLayout, like: jax.Array
-  ) -> jax.Array:
+  def _chunk_view(self, matrix: jax.Array, layout: MatrixLayout, like: jax.Array) -> jax.Array:
     """``(*batch, numel // size, size)``: chunks of the PyTorch-order matrix."""
     torch_order = jnp.swapaxes(matrix, -1, -2)
     batch_spec = sharding.spec_of(matrix)[:-2]
     out_spec = sharding.spec_of(matrix)[-1]
-    shape = self.state_shape(layout)[:-1] + (self.size,)
+    shape = (*self.state_shape(layout)[:-1], self.size)
     spec = (*batch_spec, self._chunk_spec(layout, like, out_spec), None)
     return sharding.reshape(torch_order, shape, spec)
 
@@ -139,7 +132,7 @@ class SubsetRule:
     return jnp.sum(jnp.square(chunks), axis=-1, keepdims=True)
 
   def divide(
-      self, numerator: jax.Array, denominator: jax.Array, layout: MatrixLayout | None
+    self, numerator: jax.Array, denominator: jax.Array, layout: MatrixLayout | None
   ) -> jax.Array:
     """``numerator / denominator``, the denominator broadcast over subsets."""
     if self.kind == 'elementwise':
@@ -158,25 +151,23 @@ def _validate_subset_size(subset_size: SubsetSize) -> None:
   if subset_size == HEURISTIC:
     return
   if isinstance(subset_size, bool) or not isinstance(subset_size, int):
-    raise ValueError(
-        f"subset_size must be 'heuristic' or a non-zero int, got {subset_size!r}."
-    )
+    raise ValueError(f"subset_size must be 'heuristic' or a non-zero int, got {subset_size!r}.")
   if subset_size == 0:
     raise ValueError(
-        "subset_size must be 'heuristic' or a non-zero int (k > 0: subsets of "
-        'about k entries; -c < 0: subsets of about sqrt(numel) / c), got 0.'
+      "subset_size must be 'heuristic' or a non-zero int (k > 0: subsets of "
+      'about k entries; -c < 0: subsets of about sqrt(numel) / c), got 0.'
     )
 
 
 def scale_by_subset_norm(
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-6,
-    subset_size: SubsetSize = HEURISTIC,
-    *,
-    bias_correction: bool = False,
-    mask: MaskOrFn | None = None,
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
+  b2: chex.Numeric = 0.999,
+  eps: chex.Numeric = 1e-6,
+  subset_size: SubsetSize = HEURISTIC,
+  *,
+  bias_correction: bool = False,
+  mask: MaskOrFn | None = None,
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by a second moment shared within subsets of coordinates.
 
@@ -250,14 +241,12 @@ def scale_by_subset_norm(
   _validate_subset_size(subset_size)
   if bias_correction and checks.is_zero(1 - b2):
     raise ValueError(
-        'b2 must be < 1 with bias_correction (sqrt(1 - b2**t) would be 0); '
-        'AdaGrad (b2 = 1) takes bias_correction=False.'
+      'b2 must be < 1 with bias_correction (sqrt(1 - b2**t) would be 0); '
+      'AdaGrad (b2 = 1) takes bias_correction=False.'
     )
 
   def leaf_rules(tree) -> list[tuple[MatrixLayout | None, SubsetRule]]:
-    layouts = resolve_layouts(
-        tree, mask, dimension_numbers, allow_vectors=subset_size != HEURISTIC
-    )
+    layouts = resolve_layouts(tree, mask, dimension_numbers, allow_vectors=subset_size != HEURISTIC)
     return [(layout, SubsetRule.resolve(subset_size, layout)) for layout in layouts]
 
   def init_fn(params):
@@ -271,7 +260,7 @@ def scale_by_subset_norm(
       spec = rule.state_spec(layout, p, sharding.spec_of(p))
       nus.append(sharding.zeros(rule.state_shape(layout), dtype, p, spec))
     return ScaleBySubsetNormState(
-        count=jnp.zeros([], jnp.int32), nu=jax.tree.unflatten(treedef, nus)
+      count=jnp.zeros([], jnp.int32), nu=jax.tree.unflatten(treedef, nus)
     )
 
   def update_fn(updates, state, params=None, *, numerator=None, **extra_args):
@@ -281,9 +270,7 @@ def scale_by_subset_norm(
     nus = treedef.flatten_up_to(state.nu)
     numerators = leaves if numerator is None else treedef.flatten_up_to(numerator)
     new_nus, outputs = [], []
-    for g, nu, num, (layout, rule) in zip(
-        leaves, nus, numerators, leaf_rules(updates)
-    ):
+    for g, nu, num, (layout, rule) in zip(leaves, nus, numerators, leaf_rules(updates)):
       dtype = sharding.compute_dtype(g.dtype, nu.dtype)
       decay = jnp.asarray(b2, dtype)
       stat = rule.statistic(g.astype(dtype), layout)
@@ -296,7 +283,7 @@ def scale_by_subset_norm(
       outputs.append(sharding.reshard_like(out.astype(num.dtype), num))
       new_nus.append(sharding.reshard_like(new_nu.astype(nu.dtype), nu))
     return jax.tree.unflatten(treedef, outputs), ScaleBySubsetNormState(
-        count=count_inc, nu=jax.tree.unflatten(treedef, new_nus)
+      count=count_inc, nu=jax.tree.unflatten(treedef, new_nus)
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -18,14 +18,13 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks
+from optax_lean._src import checks, sharding
 from optax_lean._src import projectors as proj_lib
-from optax_lean._src import sharding
 from optax_lean._src.dimension_numbers import (
-    DimensionNumbersOrFn,
-    MaskOrFn,
-    MatrixLayout,
-    resolve_layouts,
+  DimensionNumbersOrFn,
+  MaskOrFn,
+  MatrixLayout,
+  resolve_layouts,
 )
 
 MOMENTUM_ON_REFRESH = ('official', 'reset', 'keep', 'rotate')
@@ -57,14 +56,12 @@ class SubspacePlan:
   rank: int
 
   @classmethod
-  def resolve(
-      cls, layout: MatrixLayout, projector: proj_lib.Projector, rank: int
-  ) -> SubspacePlan:
+  def resolve(cls, layout: MatrixLayout, projector: proj_lib.Projector, rank: int) -> SubspacePlan:
     n_in, n_out = layout.in_size, layout.out_size
     return cls(
-        layout,
-        projector.axis(n_in, n_out),
-        min(rank, projector.max_rank(n_in, n_out)),
+      layout,
+      projector.axis(n_in, n_out),
+      min(rank, projector.max_rank(n_in, n_out)),
     )
 
   @property
@@ -88,13 +85,13 @@ class SubspacePlan:
 
 
 def plan_subspaces(
-    tree,
-    projector: proj_lib.Projector,
-    rank: int,
-    mask: MaskOrFn | None,
-    dimension_numbers: DimensionNumbersOrFn | None,
-    *,
-    warn: bool = False,
+  tree,
+  projector: proj_lib.Projector,
+  rank: int,
+  mask: MaskOrFn | None,
+  dimension_numbers: DimensionNumbersOrFn | None,
+  *,
+  warn: bool = False,
 ) -> list[SubspacePlan | None]:
   """The subspace plan of each leaf of ``tree`` (``None``: no subspace).
 
@@ -106,10 +103,10 @@ def plan_subspaces(
     plan = None if layout is None else SubspacePlan.resolve(layout, projector, rank)
     if warn and plan is not None and plan.rank < rank:
       warnings.warn(
-          f'rank {rank} exceeds what the {projector.name!r} projector allows '
-          f'for a leaf of shape {layout.shape}; using rank {plan.rank}.',
-          UserWarning,
-          stacklevel=3,
+        f'rank {rank} exceeds what the {projector.name!r} projector allows '
+        f'for a leaf of shape {layout.shape}; using rank {plan.rank}.',
+        UserWarning,
+        stacklevel=3,
       )
     plans.append(plan)
   return plans
@@ -125,24 +122,22 @@ def _empty_momentum() -> optax.GradientTransformationExtraArgs:
     del params, extra_args
     return updates, state
 
-  return optax.GradientTransformationExtraArgs(
-      lambda params: optax.EmptyState(), update_fn
-  )
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def scale_by_subspace_momentum(
-    b1: chex.Numeric = 0.9,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    projector: str | proj_lib.Projector = 'svd',
-    *,
-    momentum_on_refresh: str = 'official',
-    bias_correction: bool = False,
-    mask: MaskOrFn | None = None,
-    dimension_numbers: DimensionNumbersOrFn | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    projector_dtype: jax.typing.DTypeLike | None = None,
-    seed: int = 0,
+  b1: chex.Numeric = 0.9,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  projector: str | proj_lib.Projector = 'svd',
+  *,
+  momentum_on_refresh: str = 'official',
+  bias_correction: bool = False,
+  mask: MaskOrFn | None = None,
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  projector_dtype: jax.typing.DTypeLike | None = None,
+  seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Momentum inside a rank-``r`` subspace, plain gradient outside it.
 
@@ -222,9 +217,7 @@ def scale_by_subspace_momentum(
     return _empty_momentum()
 
   def plans(tree, warn=False):
-    return plan_subspaces(
-        tree, projector, rank, mask, dimension_numbers, warn=warn
-    )
+    return plan_subspaces(tree, projector, rank, mask, dimension_numbers, warn=warn)
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
@@ -236,68 +229,61 @@ def scale_by_subspace_momentum(
         projs.append(None)
         continue
       spec = tuple(plan.layout.matrix_spec(sharding.spec_of(p)))
-      mus.append(
-          sharding.zeros(plan.momentum_shape(), dtype, p, plan.momentum_spec(spec))
-      )
-      shape, state_dtype = projector.state_shape(
-          plan.layout.batch_shape, plan.size, plan.rank
-      )
+      mus.append(sharding.zeros(plan.momentum_shape(), dtype, p, plan.momentum_spec(spec)))
+      shape, state_dtype = projector.state_shape(plan.layout.batch_shape, plan.size, plan.rank)
       if state_dtype is None:
         state_dtype = p.dtype if projector_dtype is None else projector_dtype
       proj_spec = projector.state_spec(spec[:-2], spec[plan.axis])
       projs.append(sharding.zeros(shape, state_dtype, p, proj_spec))
     return ScaleBySubspaceMomentumState(
-        count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.unflatten(treedef, mus),
-        projector=jax.tree.unflatten(treedef, projs),
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.unflatten(treedef, mus),
+      projector=jax.tree.unflatten(treedef, projs),
     )
 
   def update_matrix(g, mu, proj_state, plan, leaf_index, count_inc):
     dtype = sharding.compute_dtype(g.dtype, mu.dtype)
     g_a = proj_lib.to_projected_rows(plan.layout.to_matrix(g), plan.axis)
     mu_a = proj_lib.to_projected_rows(mu, plan.axis)
+    g_spec = sharding.spec_of(g_a)
+
+    def basis_of(state, basis_dtype):
+      basis = projector.basis(state, plan.basis_shape, basis_dtype)
+      return sharding.reshard(basis, (*g_spec[:-2], g_spec[-2], None))
 
     def on_refresh(operands):
       mu_a, old = operands
-      key = jax.random.fold_in(
-          jax.random.fold_in(jax.random.key(seed), leaf_index), count_inc
-      )
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf_index), count_inc)
       new = projector.refresh(g_a, old, plan.rank, key)
       if momentum_on_refresh == 'reset':
         mu_a = jnp.zeros_like(mu_a)
       elif momentum_on_refresh == 'rotate':
-        rotation = proj_lib.change_of_basis(
-            projector.basis(new, plan.basis_shape, dtype),
-            projector.basis(old, plan.basis_shape, dtype),
-            dtype,
-        )
+        rotation = proj_lib.change_of_basis(basis_of(new, dtype), basis_of(old, dtype), dtype)
         mu_a = sharding.einsum(
-            '...rs,...sc->...rc',
-            rotation,
-            mu_a.astype(dtype),
-            out_spec=sharding.spec_of(mu_a),
+          '...rs,...sc->...rc',
+          rotation,
+          mu_a.astype(dtype),
+          out_spec=sharding.spec_of(mu_a),
         ).astype(mu_a.dtype)
       return mu_a, new
 
     mu_a, proj_state = jax.lax.cond(
-        refresh_due(count_inc, update_proj_gap),
-        on_refresh,
-        lambda operands: operands,
-        (mu_a, proj_state),
+      refresh_due(count_inc, update_proj_gap),
+      on_refresh,
+      lambda operands: operands,
+      (mu_a, proj_state),
     )
-    basis = projector.basis(proj_state, plan.basis_shape, g.dtype)
+    basis = basis_of(proj_state, g.dtype)
     projected = proj_lib.project(g_a, basis, dtype)
     decay = jnp.asarray(b1, dtype)
     momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
     numerator = g_a.astype(dtype) + proj_lib.back_project(
-        (momentum - projected).astype(g.dtype), basis, g_a, dtype
+      (momentum - projected).astype(g.dtype), basis, g_a, dtype
     )
     if momentum_on_refresh == 'official':
       reset = (count_inc > 1) & (count_inc % update_proj_gap == 0)
       momentum = jnp.where(reset, jnp.zeros_like(momentum), momentum)
-    numerator = plan.layout.from_matrix(
-        proj_lib.to_projected_rows(numerator, plan.axis)
-    )
+    numerator = plan.layout.from_matrix(proj_lib.to_projected_rows(numerator, plan.axis))
     new_mu = proj_lib.to_projected_rows(momentum, plan.axis)
     return numerator, new_mu, proj_state
 
@@ -308,18 +294,14 @@ def scale_by_subspace_momentum(
     mus = treedef.flatten_up_to(state.mu)
     projs = treedef.flatten_up_to(state.projector)
     outputs, new_mus, new_projs = [], [], []
-    for index, (g, mu, proj_state, plan) in enumerate(
-        zip(leaves, mus, projs, plans(updates))
-    ):
+    for index, (g, mu, proj_state, plan) in enumerate(zip(leaves, mus, projs, plans(updates))):
       if plan is None:
         dtype = sharding.compute_dtype(g.dtype, mu.dtype)
         decay = jnp.asarray(b1, dtype)
         numerator = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
         new_mu = numerator
       else:
-        numerator, new_mu, proj_state = update_matrix(
-            g, mu, proj_state, plan, index, count_inc
-        )
+        numerator, new_mu, proj_state = update_matrix(g, mu, proj_state, plan, index, count_inc)
       if bias_correction:
         decay = jnp.asarray(b1, numerator.dtype)
         numerator = numerator / (1 - decay ** count_inc.astype(numerator.dtype))
@@ -327,9 +309,9 @@ def scale_by_subspace_momentum(
       new_mus.append(sharding.reshard_like(new_mu.astype(mu.dtype), mu))
       new_projs.append(proj_state)
     return jax.tree.unflatten(treedef, outputs), ScaleBySubspaceMomentumState(
-        count=count_inc,
-        mu=jax.tree.unflatten(treedef, new_mus),
-        projector=jax.tree.unflatten(treedef, new_projs),
+      count=count_inc,
+      mu=jax.tree.unflatten(treedef, new_mus),
+      projector=jax.tree.unflatten(treedef, new_projs),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
