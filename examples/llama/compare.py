@@ -1,0 +1,139 @@
+"""Train several optimizers on the same data and seed, and compare them.
+
+    python -m examples.llama.compare --optimizers adamw,adamsn,adamsnsm --model tiny
+
+Takes every option of ``examples.llama.train`` (applied to each run) plus
+``--optimizers``, and writes to ``--out-dir`` (default ``runs/compare``):
+``results.md``, a table of final validation loss and perplexity, the steps each
+optimizer needs to reach the first optimizer's final validation loss,
+optimizer-state memory and throughput; ``val_loss.png``, validation loss
+against tokens; and each run's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import numpy as np
+
+from examples.llama import optimizers
+from examples.llama import train as train_lib
+
+
+def steps_to_reach(history: list[dict], target: float) -> float | None:
+  """The (interpolated) step at which validation loss first reaches ``target``."""
+  evals = [(r['step'], r['val_loss']) for r in history if 'val_loss' in r]
+  previous = (0, float('inf'))
+  for step, loss in evals:
+    if loss <= target:
+      if not np.isfinite(previous[1]):
+        return float(step)
+      fraction = (previous[1] - target) / (previous[1] - loss)
+      return previous[0] + fraction * (step - previous[0])
+    previous = (step, loss)
+  return None
+
+
+def table(results: list[train_lib.RunResult]) -> str:
+  """A markdown table; the first run is the reference for "steps to reach"."""
+  reference = results[0]
+  target = [r for r in reference.history if 'val_loss' in r][-1]['val_loss']
+  name = reference.config.optimizer
+  lines = [
+    f'| optimizer | peak lr | final val loss | val ppl | steps to {name} final '
+    f'({target:.3f}) | state memory | tokens/s |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  for result in results:
+    cfg = result.config
+    final = [r for r in result.history if 'val_loss' in r][-1]
+    reached = steps_to_reach(result.history, target)
+    reach = 'not reached' if reached is None else f'{reached:.0f} ({reached / cfg.steps:.0%})'
+    lr = cfg.learning_rate or optimizers.REGISTRY[cfg.optimizer].learning_rate
+    memory = (
+      f'{result.state_bytes / 2**20:.2f} MiB '
+      f'({result.state_bytes / result.adamw_state_bytes:.0%} of adamw)'
+    )
+    lines.append(
+      f'| {cfg.optimizer} | {lr:g} | {final["val_loss"]:.4f} | {final["val_ppl"]:.2f} | '
+      f'{reach} | {memory} | {result.tokens_per_second:,.0f} |'
+    )
+  return '\n'.join(lines)
+
+
+def plot(results: list[train_lib.RunResult], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for result in results:
+    evals = [r for r in result.history if 'val_loss' in r]
+    ax.plot(
+      [r['tokens'] / 1e6 for r in evals],
+      [r['val_loss'] for r in evals],
+      marker='o',
+      markersize=3,
+      label=result.config.optimizer,
+    )
+  cfg = results[0].config
+  ax.set_xlabel('training tokens (millions)')
+  ax.set_ylabel('validation loss (nats/token)')
+  ax.set_title(f'LLaMA {cfg.model}, batch {cfg.batch_size}x{cfg.seq_len}, {cfg.steps} steps')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = train_lib.build_parser()
+  parser.description = __doc__.split('\n\n')[0]
+  parser.add_argument(
+    '--optimizers',
+    default='adamw,adamsn,adamsnsm',
+    help='comma-separated registry names; the first is the reference',
+  )
+  args = parser.parse_args(argv)
+  names = args.optimizers.split(',')
+  del args.optimizers
+  base = train_lib.TrainConfig(**vars(args))
+  out_dir = base.out_dir or os.path.join('runs', 'compare')
+  problems = [
+    p for name in names for p in train_lib.validate(dataclasses.replace(base, optimizer=name))
+  ]
+  if problems:
+    parser.error(problems[0])
+  if base.learning_rate is not None and len(names) > 1:
+    parser.error(
+      '--learning-rate would apply to every optimizer; leave it out to use each '
+      "optimizer's registered default"
+    )
+
+  results = []
+  for name in names:
+    print(f'== {name} ==', flush=True)
+    cfg = dataclasses.replace(base, optimizer=name, out_dir=os.path.join(out_dir, name))
+    try:
+      results.append(train_lib.train(cfg))
+    except (ValueError, train_lib.TrainingError) as e:
+      print(f'error: {name}: {e}', file=sys.stderr)
+      return 1
+
+  os.makedirs(out_dir, exist_ok=True)
+  markdown = table(results)
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(markdown + '\n')
+  plot(results, os.path.join(out_dir, 'val_loss.png'))
+  print(markdown)
+  print(f'table: {os.path.join(out_dir, "results.md")}')
+  print(f'plot: {os.path.join(out_dir, "val_loss.png")}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

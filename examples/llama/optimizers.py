@@ -1,0 +1,130 @@
+"""The one registry of optimizers the trainer and the comparison know by name.
+
+To add an optimizer, add an ``OptimizerSpec`` to ``REGISTRY``. Every spec
+builds the bare optimizer from a learning-rate schedule and the shared
+hyperparameters; the trainer adds clipping, accumulation and protection.
+Default learning rates are the best of the sweeps on the ``tiny`` config
+(``environment.md`` §7); subset-norm optimizers take about 10x AdamW's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+import optax_lean
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+  """What the command line can set, shared by all optimizers."""
+
+  weight_decay: float = 0.0
+  rank: int = 32
+  update_proj_gap: int = 100
+  projector: str = 'svd'
+  subset_size: str | int = 'heuristic'
+  momentum_on_refresh: str = 'official'
+
+
+def linear_kernels(params: Any) -> Any:
+  """The SN/SM leaves: every linear kernel (as the official code's nn.Linear group).
+
+  Embeddings and norm scales get the plain rule. Scanned kernels
+  ``(layers, in, out)`` are read with the default dimension numbers (last two
+  axes, leading axes batch).
+  """
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  build: Callable[[optax.Schedule, Hyperparameters], optax.GradientTransformation]
+  learning_rate: float
+  low_rank: bool = False
+  description: str = ''
+
+
+REGISTRY: dict[str, OptimizerSpec] = {
+  'adamw': OptimizerSpec(
+    lambda lr, h: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=h.weight_decay),
+    3e-3,
+    description='optax.adamw (PyTorch flavour), the baseline',
+  ),
+  'adafactor': OptimizerSpec(
+    lambda lr, h: optax.adafactor(lr, weight_decay_rate=h.weight_decay or None),
+    1e-2,
+    description='optax.adafactor (factored second moment, no momentum)',
+  ),
+  'adamsn': OptimizerSpec(
+    lambda lr, h: optax_lean.adamsn(
+      lr, weight_decay=h.weight_decay, subset_size=h.subset_size, mask=linear_kernels
+    ),
+    3e-2,
+    description='Adam momentum over subset-norm',
+  ),
+  'adamsnsm': OptimizerSpec(
+    lambda lr, h: optax_lean.adamsnsm(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      projector=h.projector,
+      subset_size=h.subset_size,
+      mask=linear_kernels,
+      momentum_on_refresh=h.momentum_on_refresh,
+    ),
+    1e-2,
+    low_rank=True,
+    description='subspace momentum over subset-norm',
+  ),
+  'rmsprop_sn': OptimizerSpec(
+    lambda lr, h: optax_lean.rmsprop_sn(
+      lr, weight_decay=h.weight_decay, subset_size=h.subset_size, mask=linear_kernels
+    ),
+    1e-2,
+    description='RMSprop over subset-norm, no momentum',
+  ),
+  'adagrad_snsm': OptimizerSpec(
+    lambda lr, h: optax_lean.adagrad_snsm(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      subset_size=h.subset_size,
+      projector=h.projector,
+      mask=linear_kernels,
+      momentum_on_refresh=h.momentum_on_refresh,
+    ),
+    1.0,
+    low_rank=True,
+    description='subspace momentum over accumulated subset-norm',
+  ),
+  'sgd_sm': OptimizerSpec(
+    lambda lr, h: optax_lean.sgd_sm(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      projector=h.projector,
+      mask=linear_kernels,
+      momentum_on_refresh=h.momentum_on_refresh,
+    ),
+    0.3,
+    low_rank=True,
+    description='SGD with subspace momentum',
+  ),
+}
+
+
+def build(name: str, schedule: optax.Schedule, hparams: Hyperparameters):
+  """The named optimizer; ``ValueError`` listing the choices if unknown."""
+  if name not in REGISTRY:
+    raise ValueError(f'unknown optimizer {name!r}; choose one of {", ".join(REGISTRY)}')
+  return REGISTRY[name].build(schedule, hparams)

@@ -1,0 +1,520 @@
+"""Train the LLaMA example with any registered optimizer.
+
+    python -m examples.llama.train --model tiny --optimizer adamsnsm --steps 600
+
+The train step is functional: the model is split into a graph and a plain
+pytree of parameters, the train state ``(step, params, opt_state)`` is a
+pytree, and one ``jax.jit`` with explicit input and output shardings (from
+``optax_lean.state_sharding``) and a donated state runs each step. Metrics are
+read one step late so the host never waits on the device, except at
+evaluations and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_lean
+from examples.llama import data as data_lib
+from examples.llama import optimizers
+from examples.llama.checkpoint import Checkpointer
+from examples.llama.configs import CONFIGS, get_config
+from examples.llama.model import Llama, param_count
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything a run depends on; the command line sets each field."""
+
+  model: str = 'tiny'
+  optimizer: str = 'adamsnsm'
+  learning_rate: float | None = None  # None: the optimizer's registered default
+  steps: int = 600
+  batch_size: int = 16
+  seq_len: int = 256
+  warmup_steps: int | None = None  # None: 10% of the steps
+  min_lr_ratio: float = 0.1
+  clip_norm: float = 1.0
+  weight_decay: float = 0.0
+  rank: int | None = None  # None: a quarter of the model width, as the papers' ranks
+  update_proj_gap: int = 100
+  projector: str = 'svd'
+  subset_size: str = 'heuristic'
+  momentum_on_refresh: str = 'official'
+  grad_accum: int = 1
+  bf16: bool = False
+  scan_layers: bool = False
+  tie_embeddings: bool = False
+  n_kv_heads: int | None = None
+  mesh: str | None = None  # e.g. 'data=2,fsdp=4'; None: all devices on 'data'
+  eval_every: int = 100
+  eval_batches: int = 20
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = 100
+  resume: bool = False
+  seed: int = 0
+  out_dir: str | None = None
+  data: str | None = None  # None: the bundled Shakespeare corpus
+  data_files: str | None = None
+  tokenizer: str = 'byte'
+  progress: bool = True
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a finished run reports (the comparison tool reads it)."""
+
+  config: TrainConfig
+  history: list[dict]
+  param_count: int
+  state_bytes: int
+  adamw_state_bytes: int
+  tokens_per_second: float
+  final_state: TrainState
+
+
+class TrainingError(RuntimeError):
+  """A run that must stop: a non-finite loss or gradient."""
+
+
+def parse_mesh(spec: str | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  devices = len(jax.devices())
+  if spec is None:
+    return ('data',), (devices,)
+  names, sizes = [], []
+  for part in spec.split(','):
+    name, _, size = part.partition('=')
+    if name not in ('data', 'fsdp') or name in names or not size.isdigit() or int(size) < 1:
+      raise ValueError(f"--mesh must look like 'data=N,fsdp=M', got {spec!r}")
+    names.append(name)
+    sizes.append(int(size))
+  if devices % math.prod(sizes):
+    raise ValueError(
+      f'--mesh {spec} needs {math.prod(sizes)} devices, which does not divide '
+      f'the {devices} available'
+    )
+  return tuple(names), tuple(sizes)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, stacked: bool) -> P:
+  """Shards the largest axis divisible by the FSDP size (not a layer axis)."""
+  if fsdp == 1:
+    return P()
+  candidates = [a for a in range(1 if stacked else 0, len(shape)) if shape[a] % fsdp == 0]
+  if not candidates:
+    return P()
+  axis = max(candidates, key=lambda a: shape[a])
+  return P(*[('fsdp' if a == axis else None) for a in range(len(shape))])
+
+
+def learning_rate_schedule(cfg: TrainConfig, peak: float) -> optax.Schedule:
+  warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 10
+  return optax.warmup_cosine_decay_schedule(
+    0.0, peak, warmup, max(cfg.steps, warmup + 1), end_value=peak * cfg.min_lr_ratio
+  )
+
+
+def make_optimizer(
+  cfg: TrainConfig, model_width: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The configured optimizer (with clipping and accumulation) and its schedule."""
+  peak = cfg.learning_rate or optimizers.REGISTRY[cfg.optimizer].learning_rate
+  schedule = learning_rate_schedule(cfg, peak)
+  subset = cfg.subset_size if cfg.subset_size == 'heuristic' else int(cfg.subset_size)
+  hparams = optimizers.Hyperparameters(
+    weight_decay=cfg.weight_decay,
+    rank=cfg.rank or max(1, model_width // 4),
+    update_proj_gap=cfg.update_proj_gap,
+    projector=cfg.projector,
+    subset_size=subset,
+    momentum_on_refresh=cfg.momentum_on_refresh,
+  )
+  tx = optimizers.build(cfg.optimizer, schedule, hparams)
+  if cfg.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  if cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+  return tx, schedule
+
+
+def loss_fn(graphdef, params, inputs, targets):
+  logits = nnx.merge(graphdef, params)(inputs)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def format_bytes(n: int) -> str:
+  return f'{n / 2**20:.2f} MiB'
+
+
+class MetricsWriter:
+  """JSON lines in ``out_dir/metrics.jsonl``, and TensorBoard if installed."""
+
+  def __init__(self, out_dir: str, append: bool):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    self._file = open(path, 'a' if append else 'w')  # noqa: SIM115 (closed by close())
+    try:
+      from tensorboardX import SummaryWriter
+
+      self._tensorboard = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
+    except ImportError:
+      self._tensorboard = None
+
+  def write(self, record: dict) -> None:
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+    if self._tensorboard is not None:
+      for key, value in record.items():
+        if key != 'step':
+          self._tensorboard.add_scalar(key, value, record['step'])
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+@dataclasses.dataclass
+class Run:
+  """A configured run: data, model graph, optimizer, shardings and jitted steps."""
+
+  cfg: TrainConfig
+  batches: data_lib.TokenBatches
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_sharding: TrainState
+  abstract_state: TrainState
+  init_state: Any  # () -> TrainState, jitted
+  step_fn: Any  # (state, inputs, targets) -> (state, metrics), jitted, donates state
+  eval_fn: Any  # (params, inputs, targets) -> loss, jitted
+
+  def restore_target(self) -> TrainState:
+    """The abstract state, with shardings, to restore a checkpoint into."""
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      self.abstract_state,
+      self.state_sharding,
+    )
+
+
+def build(cfg: TrainConfig) -> Run:
+  """Loads the data and builds the model, optimizer, mesh and jitted steps."""
+  text = data_lib.load_text(cfg.data, data_files=cfg.data_files)
+  tokenizer = data_lib.make_tokenizer(cfg.tokenizer, text)
+  batches = data_lib.TokenBatches.from_tokens(
+    tokenizer.encode(text), cfg.batch_size, cfg.seq_len, cfg.seed
+  )
+  model_cfg = get_config(
+    cfg.model,
+    vocab_size=tokenizer.vocab_size
+    if cfg.model in ('toy', 'tiny', '5m', '20m')
+    else CONFIGS[cfg.model].vocab_size,
+    scan_layers=cfg.scan_layers,
+    tie_embeddings=cfg.tie_embeddings,
+    n_kv_heads=cfg.n_kv_heads,
+    compute_dtype='bfloat16' if cfg.bf16 else 'float32',
+  )
+  names, sizes = parse_mesh(cfg.mesh)
+  devices = math.prod(sizes)
+  if cfg.batch_size % devices:
+    raise ValueError(
+      f'--batch-size {cfg.batch_size} is not divisible by the {devices} devices of the mesh'
+    )
+  mesh = jax.make_mesh(
+    sizes,
+    names,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+    devices=jax.devices()[:devices],
+  )
+  fsdp = dict(zip(names, sizes)).get('fsdp', 1)
+
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Llama(model_cfg, nnx.Rngs(0))))
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  param_shd = jax.tree.map(
+    lambda p: NamedSharding(mesh, fsdp_spec(p.shape, fsdp, cfg.scan_layers)), abstract_params
+  )
+  tx, schedule = make_optimizer(cfg, model_cfg.dim)
+  replicated = NamedSharding(mesh, P())
+  state_shd = TrainState(
+    replicated, param_shd, optax_lean.state_sharding(tx, abstract_params, param_shd)
+  )
+  batch_shd = NamedSharding(mesh, P(names))
+
+  def init_state() -> TrainState:
+    params = nnx.to_pure_dict(nnx.state(Llama(model_cfg, nnx.Rngs(cfg.seed)), nnx.Param))
+    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
+
+  def train_step(state: TrainState, inputs, targets):
+    loss, grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, state.params, inputs, targets)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return Run(
+    cfg=cfg,
+    batches=batches,
+    mesh=mesh,
+    tx=tx,
+    schedule=schedule,
+    state_sharding=state_shd,
+    abstract_state=jax.eval_shape(init_state),
+    init_state=jax.jit(init_state, out_shardings=state_shd),
+    step_fn=jax.jit(
+      train_step,
+      in_shardings=(state_shd, batch_shd, batch_shd),
+      out_shardings=(state_shd, replicated),
+      donate_argnums=0,
+    ),
+    eval_fn=jax.jit(
+      lambda params, x, y: loss_fn(graphdef, params, x, y),
+      in_shardings=(param_shd, batch_shd, batch_shd),
+      out_shardings=replicated,
+    ),
+  )
+
+
+def report_memory(run: Run) -> tuple[int, int, int]:
+  """Prints parameter count and optimizer-state memory next to AdamW's."""
+  params, opt_state = run.abstract_state.params, run.abstract_state.opt_state
+  n_params = param_count(params)
+  opt_bytes = optax_lean.state_bytes(opt_state)
+  adamw_bytes = optax_lean.state_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
+  by_kind = ', '.join(
+    f'{k} {format_bytes(v)}' for k, v in optax_lean.state_bytes_by_kind(opt_state).items()
+  )
+  cfg = run.cfg
+  print(
+    f'model {cfg.model}: {n_params:,} parameters ({format_bytes(4 * n_params)} f32); mesh '
+    f'{dict(run.mesh.shape)}',
+    flush=True,
+  )
+  print(
+    f'optimizer {cfg.optimizer}: state {format_bytes(opt_bytes)} '
+    f'({100 * opt_bytes / adamw_bytes:.1f}% of adamw {format_bytes(adamw_bytes)}): {by_kind}',
+    flush=True,
+  )
+  return n_params, opt_bytes, adamw_bytes
+
+
+def train(cfg: TrainConfig) -> RunResult:
+  """Runs (or resumes) one training run and returns its history."""
+  run = build(cfg)
+  n_params, opt_bytes, adamw_bytes = report_memory(run)
+  batches, schedule = run.batches, run.schedule
+  checkpointer = Checkpointer(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+  resumed = cfg.resume and checkpointer is not None and checkpointer.latest_step() is not None
+  if resumed:
+    state, record = checkpointer.restore(run.restore_target())
+    if record['config']['model'] != cfg.model or record['config']['optimizer'] != cfg.optimizer:
+      raise ValueError(
+        f'--resume: {cfg.checkpoint_dir} holds a {record["config"]["model"]} / '
+        f'{record["config"]["optimizer"]} run'
+      )
+    position = record['data_position']
+    print(f'resumed from step {int(state.step)} (data position {position})', flush=True)
+  else:
+    state = run.init_state()
+    position = 0
+
+  out_dir = cfg.out_dir or os.path.join('runs', f'{cfg.model}-{cfg.optimizer}')
+  writer = MetricsWriter(out_dir, append=resumed)
+  val_batches = batches.validation(cfg.eval_batches)
+  tokens_per_micro_step = cfg.batch_size * cfg.seq_len
+  micro_steps = cfg.steps * cfg.grad_accum
+  history: list[dict] = []
+  timer = {'start': None, 'first': position + 1}
+
+  def evaluate(params) -> float:
+    return float(np.mean(jax.device_get([run.eval_fn(params, x, y) for x, y in val_batches])))
+
+  def finish(micro_step: int, metrics: dict, val_loss: float | None = None) -> None:
+    """Checks, records and writes the metrics of one (micro) step."""
+    step = micro_step // cfg.grad_accum
+    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (math.isfinite(record['loss']) and math.isfinite(record['grad_norm'])):
+      last = checkpointer.latest_step() if checkpointer else None
+      raise TrainingError(
+        f'non-finite loss or gradient at step {step} (loss {record["loss"]}, grad norm '
+        f'{record["grad_norm"]}); stopping. Last good checkpoint: '
+        + ('none' if last is None else f'step {last} in {cfg.checkpoint_dir}')
+      )
+    # Steps after the first (which compiles) are timed; this one is done now.
+    elapsed = time.perf_counter() - timer['start']
+    timed = (micro_step - timer['first']) * tokens_per_micro_step
+    record.update(
+      step=step,
+      tokens=micro_step * tokens_per_micro_step,
+      lr=float(schedule(step)),
+      tokens_per_sec=timed / elapsed if timed > 0 else 0.0,
+    )
+    if cfg.grad_accum > 1:
+      record['micro_step'] = micro_step
+    if val_loss is not None:
+      record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+    history.append(record)
+    writer.write(record)
+    summary = f'loss {record["loss"]:.3f} {record["tokens_per_sec"]:,.0f} tok/s'
+    if progress is not None:
+      progress.set_postfix_str(summary)
+    if val_loss is not None:
+      line = f'step {step}: {summary}, val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})'
+      (progress.write if progress is not None else print)(line)
+
+  progress = None
+  if cfg.progress:
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, nothing in a log file.
+    progress = tqdm(
+      total=micro_steps,
+      initial=position,
+      unit='step',
+      dynamic_ncols=True,
+      file=sys.stdout,
+      disable=None,
+    )
+  lagged = None  # the previous step's (micro step, metrics), read one step late
+  try:
+    while position < micro_steps:
+      state, metrics = run.step_fn(state, *batches.batch(position))
+      position += 1
+      if timer['start'] is None:  # the first step compiles: time from its end
+        jax.block_until_ready(state)
+        timer['start'] = time.perf_counter()
+      if lagged is not None:
+        finish(*lagged)
+        lagged = None
+      if progress is not None:
+        progress.update(1)
+      step, boundary = divmod(position, cfg.grad_accum)
+      last = position == micro_steps
+      due_eval = boundary == 0 and (step % cfg.eval_every == 0 or last)
+      due_save = (
+        checkpointer is not None and boundary == 0 and (step % cfg.checkpoint_every == 0 or last)
+      )
+      if due_eval or due_save:
+        finish(position, metrics, evaluate(state.params) if due_eval else None)
+        if due_save:
+          checkpointer.save(
+            step, state, {'data_position': position, 'config': dataclasses.asdict(cfg)}
+          )
+      else:
+        lagged = (position, metrics)
+    if lagged is not None:
+      finish(*lagged)
+    jax.block_until_ready(state)
+  finally:
+    if progress is not None:
+      progress.close()
+    writer.close()
+    if checkpointer is not None:
+      checkpointer.close()
+
+  elapsed = time.perf_counter() - timer['start'] if timer['start'] else 0.0
+  timed = (position - timer['first']) * tokens_per_micro_step
+  return RunResult(
+    config=cfg,
+    history=history,
+    param_count=n_params,
+    state_bytes=opt_bytes,
+    adamw_state_bytes=adamw_bytes,
+    tokens_per_second=timed / elapsed if timed > 0 else 0.0,
+    final_state=state,
+  )
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+  """Reports a bad argument in one line (no usage block) and exits with 2."""
+
+  def error(self, message: str):
+    self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = OneLineErrorParser(description=__doc__.split('\n\n')[0])
+  for field in dataclasses.fields(TrainConfig):
+    flag = '--' + field.name.replace('_', '-')
+    default = field.default
+    if field.type == 'bool':
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+      continue
+    kind = {'int': int, 'float': float}.get(field.type.split(' |')[0], str)
+    parser.add_argument(flag, type=kind, default=default)
+  return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+  """Parses and validates the command line; bad values exit with one line."""
+  parser = build_parser()
+  cfg = TrainConfig(**vars(parser.parse_args(argv)))
+  problems = validate(cfg)
+  if problems:
+    parser.error(problems[0])
+  return cfg
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+  """Problems with a config that can be found before any work."""
+  problems = []
+  if cfg.optimizer not in optimizers.REGISTRY:
+    problems.append(
+      f'unknown --optimizer {cfg.optimizer!r}; choose one of {", ".join(optimizers.REGISTRY)}'
+    )
+  if cfg.model not in CONFIGS:
+    problems.append(f'unknown --model {cfg.model!r}; choose one of {", ".join(CONFIGS)}')
+  if cfg.data is not None and not cfg.data.startswith('hf:'):
+    try:
+      data_lib.read_files(cfg.data)
+    except data_lib.DataError as e:
+      problems.append(f'--data: {e}')
+  try:
+    parse_mesh(cfg.mesh)
+  except ValueError as e:
+    problems.append(str(e))
+  for name in ('steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'checkpoint_every'):
+    if getattr(cfg, name) < 1:
+      problems.append(f'--{name.replace("_", "-")} must be >= 1, got {getattr(cfg, name)}')
+  return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+  cfg = config_from_args(argv)
+  try:
+    result = train(cfg)
+  except (ValueError, TrainingError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  final = [r for r in result.history if 'val_loss' in r]
+  if final:
+    print(
+      f'final val loss {final[-1]["val_loss"]:.4f} (ppl {final[-1]["val_ppl"]:.2f}), '
+      f'{result.tokens_per_second:,.0f} tokens/s'
+    )
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,332 @@
+"""The LLaMA example: model, data stream, training, sharding, resume and CLI."""
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from examples.llama import data as data_lib
+from examples.llama import optimizers
+from examples.llama import train as train_lib
+from examples.llama.checkpoint import Checkpointer
+from examples.llama.configs import get_config
+from examples.llama.model import Llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def open_text(path) -> str:
+  with open(path) as f:
+    return f.read()
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """About 60 kB of learnable text: sentences over a small vocabulary."""
+  rng = np.random.default_rng(0)
+  words = [
+    'the',
+    'king',
+    'queen',
+    'lord',
+    'fair',
+    'doth',
+    'speak',
+    'night',
+    'love',
+    'and',
+    'thou',
+    'art',
+    'my',
+    'heart',
+    'shall',
+    'not',
+    'be',
+    'so',
+  ]
+  lines = [
+    ' '.join(rng.choice(words, size=rng.integers(4, 10))).capitalize() + '.' for _ in range(1500)
+  ]
+  path = tmp_path_factory.mktemp('corpus') / 'verse.txt'
+  path.write_text('\n'.join(lines))
+  return str(path)
+
+
+def toy_config(corpus, tmp_path, **overrides):
+  base = train_lib.TrainConfig(
+    model='toy',
+    optimizer='adamsnsm',
+    steps=6,
+    batch_size=8,
+    seq_len=32,
+    eval_every=3,
+    eval_batches=2,
+    checkpoint_every=2,
+    rank=4,
+    update_proj_gap=3,
+    mesh='data=1',
+    data=corpus,
+    out_dir=str(tmp_path / 'run'),
+    progress=False,
+  )
+  return dataclasses.replace(base, **overrides)
+
+
+@pytest.mark.parametrize(
+  'options',
+  [
+    {},
+    {'scan_layers': True},
+    {'n_kv_heads': 1},
+    {'tie_embeddings': True},
+  ],
+)
+def test_model_shapes_and_causality(options):
+  config = get_config('toy', **options)
+  model = Llama(config, nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 12)), jnp.int32)
+  logits = model(tokens)
+  assert logits.shape == (2, 12, 64) and logits.dtype == jnp.float32
+  changed = model(tokens.at[:, 7].set((tokens[:, 7] + 1) % 64))
+  np.testing.assert_allclose(changed[:, :7], logits[:, :7], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(changed[:, 7:], logits[:, 7:])
+  params = nnx.state(model, nnx.Param)
+  kernel = (
+    params['blocks']['attn']['q']['kernel']
+    if options.get('scan_layers')
+    else params['blocks'][0]['attn']['q']['kernel']
+  )
+  assert kernel.shape == ((2, 32, 32) if options.get('scan_layers') else (32, 32))
+
+
+def test_paper_configs_have_the_published_sizes():
+  sizes = {'60m': 58.1, '130m': 134.1, '350m': 368.0, '1b': 1339.1}
+  for name, millions in sizes.items():
+    abstract = nnx.eval_shape(lambda name=name: Llama(get_config(name), nnx.Rngs(0)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert round(count / 1e6, 1) == millions
+
+
+def test_batches_are_deterministic_and_resumable():
+  tokens = np.arange(1000, dtype=np.int32)
+  batches = data_lib.TokenBatches.from_tokens(tokens, batch_size=4, seq_len=10, seed=3)
+  stream = batches.stream()
+  first = [next(stream) for _ in range(60)]  # crosses epoch boundaries (94 windows)
+  resumed = batches.stream(position=37)
+  for expected in first[37:]:
+    chex.assert_trees_all_equal(next(resumed), expected)
+  again = data_lib.TokenBatches.from_tokens(tokens, batch_size=4, seq_len=10, seed=3)
+  chex.assert_trees_all_equal(again.batch(11), first[11])
+  inputs, targets = first[0]
+  np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+  epoch = np.sort(np.concatenate([b[0][:, 0] for b in first[:23]]))  # 92 of 94 windows
+  assert len(np.unique(epoch)) == len(epoch)
+
+
+def test_tokenizers_round_trip(corpus):
+  text = data_lib.load_text(corpus)
+  for spec in ('byte', 'bpe:300'):
+    tokenizer = data_lib.make_tokenizer(spec, text)
+    assert tokenizer.decode(tokenizer.encode(text[:500])) == text[:500]
+  assert data_lib.make_tokenizer('bpe:300', text).vocab_size == 300
+
+
+def test_hugging_face_dataset_path_on_local_files(corpus, monkeypatch):
+  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+  text = data_lib.load_text('hf:text', data_files=corpus, max_documents=10)
+  assert text.split('\n\n')[:3] == open_text(corpus).split('\n')[:3]
+
+
+@pytest.mark.parametrize('name', list(optimizers.REGISTRY))
+def test_one_step_lowers_the_loss(name):
+  config = get_config('toy')
+  model = Llama(config, nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  rng = np.random.default_rng(0)
+  inputs = jnp.asarray(rng.integers(0, 64, size=(8, 16)), jnp.int32)
+  targets = jnp.roll(inputs, -1, axis=1)
+  spec = optimizers.REGISTRY[name]
+  # A tenth of the peak: the size of an early warmup step, where one step must help.
+  schedule = optax.constant_schedule(spec.learning_rate / 10)
+  tx = spec.build(schedule, optimizers.Hyperparameters(rank=4))
+  loss = lambda p: train_lib.loss_fn(graphdef, p, inputs, targets)
+  before, grads = jax.value_and_grad(loss)(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert loss(optax.apply_updates(params, updates)) < before
+
+
+def test_training_lowers_validation_loss_and_writes_metrics(corpus, tmp_path):
+  result = train_lib.train(toy_config(corpus, tmp_path, steps=12, eval_every=6))
+  evals = [r for r in result.history if 'val_loss' in r]
+  assert [r['step'] for r in evals] == [6, 12]
+  assert evals[-1]['val_loss'] < evals[0]['val_loss'] < np.log(256) - 0.5
+  lines = open_text(tmp_path / 'run' / 'metrics.jsonl').splitlines()
+  assert len(lines) == 12
+  assert os.path.isdir(tmp_path / 'run' / 'tensorboard')
+  assert result.state_bytes < result.adamw_state_bytes
+
+
+def test_eight_devices_agree_with_one(corpus, tmp_path):
+  single = train_lib.train(toy_config(corpus, tmp_path / 'one', optimizer='adamsnsm'))
+  sharded = train_lib.train(toy_config(corpus, tmp_path / 'eight', mesh='data=2,fsdp=4'))
+  chex.assert_trees_all_close(
+    sharded.final_state.params, single.final_state.params, rtol=2e-4, atol=2e-5
+  )
+  kernel = sharded.final_state.params['blocks'][0]['mlp']['gate']['kernel']
+  assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape
+  np.testing.assert_allclose(
+    [r['loss'] for r in sharded.history], [r['loss'] for r in single.history], rtol=1e-4
+  )
+
+
+@pytest.mark.parametrize('options', [{}, {'scan_layers': True, 'grad_accum': 2}])
+def test_resume_is_bit_exact(corpus, tmp_path, options):
+  straight = train_lib.train(toy_config(corpus, tmp_path / 'straight', **options))
+  ckpt = tmp_path / 'ckpt'
+  train_lib.train(toy_config(corpus, tmp_path / 'first', checkpoint_dir=str(ckpt), **options))
+  shutil.rmtree(ckpt / '6')  # as if the run had died after its step-4 checkpoint
+  resumed = train_lib.train(
+    toy_config(corpus, tmp_path / 'second', checkpoint_dir=str(ckpt), resume=True, **options)
+  )
+  chex.assert_trees_all_equal(resumed.final_state, straight.final_state)
+
+
+def run_cli(*args, env=None, timeout=240):
+  return subprocess.run(
+    [sys.executable, '-m', 'examples.llama.train', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, **(env or {})},
+    timeout=timeout,
+  )
+
+
+def test_cli_smoke_run(corpus, tmp_path):
+  out = run_cli(
+    '--model',
+    'toy',
+    '--optimizer',
+    'adamsn',
+    '--steps',
+    '3',
+    '--batch-size',
+    '4',
+    '--seq-len',
+    '16',
+    '--eval-every',
+    '3',
+    '--eval-batches',
+    '1',
+    '--data',
+    corpus,
+    '--out-dir',
+    str(tmp_path),
+    '--no-progress',
+  )
+  assert out.returncode == 0, out.stderr
+  assert 'optimizer adamsn: state' in out.stdout and 'of adamw' in out.stdout
+  assert 'final val loss' in out.stdout
+
+
+def test_killed_run_resumes_to_the_same_parameters(corpus, tmp_path):
+  cfg = toy_config(
+    corpus, tmp_path, steps=40, update_proj_gap=5, eval_every=40, eval_batches=1, checkpoint_every=5
+  )
+  args = [
+    '--model',
+    'toy',
+    '--optimizer',
+    cfg.optimizer,
+    '--steps',
+    '40',
+    '--batch-size',
+    '8',
+    '--seq-len',
+    '32',
+    '--rank',
+    '4',
+    '--update-proj-gap',
+    '5',
+    '--eval-every',
+    '40',
+    '--eval-batches',
+    '1',
+    '--checkpoint-every',
+    '5',
+    '--mesh',
+    'data=1',
+    '--data',
+    corpus,
+    '--no-progress',
+  ]
+  straight = run_cli(
+    *args, '--checkpoint-dir', str(tmp_path / 'straight'), '--out-dir', str(tmp_path / 'a')
+  )
+  assert straight.returncode == 0, straight.stderr
+
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'examples.llama.train',
+      *args,
+      '--checkpoint-dir',
+      str(killed),
+      '--out-dir',
+      str(tmp_path / 'b'),
+    ],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.time() + 180
+  while time.time() < deadline and not (killed / '10').exists():
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  resumed = run_cli(
+    *args, '--checkpoint-dir', str(killed), '--out-dir', str(tmp_path / 'b'), '--resume'
+  )
+  assert resumed.returncode == 0, resumed.stderr
+  resumed_from = int(re.search(r'resumed from step (\d+)', resumed.stdout).group(1))
+  assert 10 <= resumed_from < 40  # the kill landed mid-run
+
+  target = train_lib.build(cfg).restore_target()
+  finals = []
+  for directory in (tmp_path / 'straight', killed):
+    checkpointer = Checkpointer(str(directory))
+    assert checkpointer.latest_step() == 40
+    finals.append(checkpointer.restore(target)[0])
+    checkpointer.close()
+  chex.assert_trees_all_equal(*finals)
+
+
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    (['--optimizer', 'lion'], "unknown --optimizer 'lion'; choose one of adamw"),
+    (['--mesh', 'data=3'], '--mesh data=3 needs 3 devices, which does not divide the 8'),
+    (['--data', '/no/such/path'], "--data: no data files at '/no/such/path'"),
+    (['--steps', '0'], '--steps must be >= 1'),
+    (['--model', '2b'], "unknown --model '2b'"),
+  ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, message):
+  out = run_cli(*args, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}, timeout=60)
+  assert out.returncode == 2
+  assert out.stderr.count('\n') == 1 and message in out.stderr, out.stderr
