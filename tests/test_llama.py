@@ -330,3 +330,52 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
   out = run_cli(*args, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}, timeout=60)
   assert out.returncode == 2
   assert out.stderr.count('\n') == 1 and message in out.stderr, out.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+  ckpt = tmp_path / 'ckpt'
+  cfg = toy_config(
+    corpus, tmp_path, nonfinite_grad_step=5, checkpoint_every=1, checkpoint_dir=str(ckpt)
+  )
+  with pytest.raises(train_lib.TrainingError, match='non-finite loss or gradient at step 5') as e:
+    train_lib.train(cfg)
+  checkpointer = Checkpointer(str(ckpt))
+  assert checkpointer.latest_step() == 4
+  assert 'Last good checkpoint: step 4' in str(e.value)
+  state, _ = checkpointer.restore(train_lib.build(cfg).restore_target())
+  checkpointer.close()
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+
+
+def test_apply_if_finite_skips_a_poisoned_step(corpus, tmp_path):
+  clean = train_lib.train(toy_config(corpus, tmp_path / 'clean', skip_nonfinite=True))
+  poisoned = train_lib.train(
+    toy_config(corpus, tmp_path / 'poisoned', skip_nonfinite=True, nonfinite_grad_step=3)
+  )
+  assert [r.get('skipped', False) for r in poisoned.history] == [False, False, True] + [False] * 3
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(poisoned.final_state))
+  # The skipped step changed nothing but the step counter: losses up to it agree.
+  np.testing.assert_allclose(
+    [r['loss'] for r in poisoned.history[:3]], [r['loss'] for r in clean.history[:3]], rtol=1e-6
+  )
+
+
+def test_model_and_data_options_train(corpus, tmp_path):
+  cfg = toy_config(
+    corpus,
+    tmp_path,
+    bf16=True,
+    scan_layers=True,
+    n_kv_heads=1,
+    tie_embeddings=True,
+    tokenizer='bpe:300',
+    grad_accum=2,
+    steps=4,
+    eval_every=2,
+  )
+  result = train_lib.train(cfg)
+  evals = [r['val_loss'] for r in result.history if 'val_loss' in r]
+  assert len(evals) == 2 and evals[1] < evals[0] < np.log(300) + 0.5
+  q = result.final_state.params['blocks']['attn']['q']['kernel']
+  assert q.shape == (2, 32, 32) and q.dtype == jnp.float32  # f32 params, bf16 compute
+  assert 'lm_head' not in result.final_state.params

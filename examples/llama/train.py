@@ -72,6 +72,8 @@ class TrainConfig:
   data: str | None = None  # None: the bundled Shakespeare corpus
   data_files: str | None = None
   tokenizer: str = 'byte'
+  skip_nonfinite: bool = False  # wrap the optimizer in optax.apply_if_finite
+  nonfinite_grad_step: int | None = None  # fault injection: NaN gradients at this micro step
   progress: bool = True
 
 
@@ -96,6 +98,9 @@ class RunResult:
 
 class TrainingError(RuntimeError):
   """A run that must stop: a non-finite loss or gradient."""
+
+
+MAX_CONSECUTIVE_NONFINITE = 10
 
 
 def parse_mesh(spec: str | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -153,6 +158,8 @@ def make_optimizer(
   tx = optimizers.build(cfg.optimizer, schedule, hparams)
   if cfg.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  if cfg.skip_nonfinite:
+    tx = optax.apply_if_finite(tx, MAX_CONSECUTIVE_NONFINITE)
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
   return tx, schedule
@@ -268,6 +275,9 @@ def build(cfg: TrainConfig) -> Run:
 
   def train_step(state: TrainState, inputs, targets):
     loss, grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, state.params, inputs, targets)
+    if cfg.nonfinite_grad_step is not None:
+      poison = state.step + 1 == cfg.nonfinite_grad_step
+      grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g).astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
@@ -346,6 +356,7 @@ def train(cfg: TrainConfig) -> RunResult:
   micro_steps = cfg.steps * cfg.grad_accum
   history: list[dict] = []
   timer = {'start': None, 'first': position + 1}
+  nonfinite = {'consecutive': 0}
 
   def evaluate(params) -> float:
     return float(np.mean(jax.device_get([run.eval_fn(params, x, y) for x, y in val_batches])))
@@ -354,13 +365,25 @@ def train(cfg: TrainConfig) -> RunResult:
     """Checks, records and writes the metrics of one (micro) step."""
     step = micro_step // cfg.grad_accum
     record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not (math.isfinite(record['loss']) and math.isfinite(record['grad_norm'])):
+    if math.isfinite(record['loss']) and math.isfinite(record['grad_norm']):
+      nonfinite['consecutive'] = 0
+    else:
+      nonfinite['consecutive'] += 1
       last = checkpointer.latest_step() if checkpointer else None
-      raise TrainingError(
+      where = 'none' if last is None else f'step {last} in {cfg.checkpoint_dir}'
+      problem = (
         f'non-finite loss or gradient at step {step} (loss {record["loss"]}, grad norm '
-        f'{record["grad_norm"]}); stopping. Last good checkpoint: '
-        + ('none' if last is None else f'step {last} in {cfg.checkpoint_dir}')
+        f'{record["grad_norm"]})'
       )
+      if not cfg.skip_nonfinite:
+        raise TrainingError(f'{problem}; stopping. Last good checkpoint: {where}')
+      if nonfinite['consecutive'] >= MAX_CONSECUTIVE_NONFINITE:
+        raise TrainingError(
+          f'{problem}, {MAX_CONSECUTIVE_NONFINITE} in a row; stopping. '
+          f'Last good checkpoint: {where}'
+        )
+      record['skipped'] = True
+      (progress.write if progress is not None else print)(f'{problem}: step skipped')
     # Steps after the first (which compiles) are timed; this one is done now.
     elapsed = time.perf_counter() - timer['start']
     timed = (micro_step - timer['first']) * tokens_per_micro_step
