@@ -34,18 +34,30 @@ GIB = 2**30
 PAPER_RANK = {'60m': 128, '130m': 256, '350m': 256, '1b': 512, '7b': 1024}
 # Published bf16 optimizer-state GiB (algorithms.md §1.9: m + v only; README figure at 1B).
 PUBLISHED = {
-    ('adamw', '60m'): 0.216, ('adamw', '130m'): 0.500, ('adamw', '350m'): 1.371,
-    ('adamw', '1b'): 4.988,
-    ('adamsn', '60m'): 0.139, ('adamsn', '130m'): 0.296, ('adamsn', '350m'): 0.747,
-    ('adamsn', '1b'): 2.618,
-    ('rmsprop_sn', '60m'): 0.031, ('rmsprop_sn', '130m'): 0.046, ('rmsprop_sn', '350m'): 0.062,
-    ('rmsprop_sn', '1b'): 0.123,
-    ('adamsnsm r=128', '60m'): 0.081, ('adamsnsm r=128', '130m'): 0.126,
-    ('adamsnsm r=128', '350m'): 0.201, ('adamsnsm r=128', '1b'): 0.394,
-    ('adamsnsm r=256', '60m'): 0.100, ('adamsnsm r=256', '130m'): 0.160,
-    ('adamsnsm r=256', '350m'): 0.279, ('adamsnsm r=256', '1b'): 0.542,
-    ('adamsnsm r=512', '60m'): 0.139, ('adamsnsm r=512', '130m'): 0.228,
-    ('adamsnsm r=512', '350m'): 0.435, ('adamsnsm r=512', '1b'): 0.839,
+  ('adamw', '60m'): 0.216,
+  ('adamw', '130m'): 0.500,
+  ('adamw', '350m'): 1.371,
+  ('adamw', '1b'): 4.988,
+  ('adamsn', '60m'): 0.139,
+  ('adamsn', '130m'): 0.296,
+  ('adamsn', '350m'): 0.747,
+  ('adamsn', '1b'): 2.618,
+  ('rmsprop_sn', '60m'): 0.031,
+  ('rmsprop_sn', '130m'): 0.046,
+  ('rmsprop_sn', '350m'): 0.062,
+  ('rmsprop_sn', '1b'): 0.123,
+  ('adamsnsm r=128', '60m'): 0.081,
+  ('adamsnsm r=128', '130m'): 0.126,
+  ('adamsnsm r=128', '350m'): 0.201,
+  ('adamsnsm r=128', '1b'): 0.394,
+  ('adamsnsm r=256', '60m'): 0.100,
+  ('adamsnsm r=256', '130m'): 0.160,
+  ('adamsnsm r=256', '350m'): 0.279,
+  ('adamsnsm r=256', '1b'): 0.542,
+  ('adamsnsm r=512', '60m'): 0.139,
+  ('adamsnsm r=512', '130m'): 0.228,
+  ('adamsnsm r=512', '350m'): 0.435,
+  ('adamsnsm r=512', '1b'): 0.839,
 }
 MOMENTS = ('mu', 'nu', 'ema')  # the state fields the paper counts
 
@@ -59,30 +71,40 @@ class Row:
 
 def registry(name: str, **hparams) -> Callable[[str], optax.GradientTransformation]:
   return lambda size: optimizers.build(
-      name, optax.constant_schedule(1e-3), optimizers.Hyperparameters(**hparams)
+    name, optax.constant_schedule(1e-3), optimizers.Hyperparameters(**hparams)
   )
 
 
 def rows() -> list[Row]:
   table = [
-      Row('adamw', registry('adamw')),
-      Row('adafactor', registry('adafactor')),
-      Row('optax.contrib.galore (paper rank)', lambda size: optax.contrib.galore(
-          1e-3, rank=PAPER_RANK[size])),
-      Row('adamsn', registry('adamsn')),
-      Row('rmsprop_sn', registry('rmsprop_sn')),
+    Row('adamw', registry('adamw')),
+    Row('adafactor', registry('adafactor')),
+    Row(
+      'optax.contrib.galore (paper rank)',
+      lambda size: optax.contrib.galore(1e-3, rank=PAPER_RANK[size]),
+    ),
+    Row('adamsn', registry('adamsn')),
+    Row('rmsprop_sn', registry('rmsprop_sn')),
   ]
   for rank in (128, 256, 512):
     table.append(Row(f'adamsnsm r={rank}', registry('adamsnsm', rank=rank), paper_count=True))
   table += [
-      Row('adamsnsm r=512, random projector', registry('adamsnsm', rank=512, projector='random'),
-          paper_count=True),
+    Row(
+      'adamsnsm r=512, random projector',
+      registry('adamsnsm', rank=512, projector='random'),
+      paper_count=True,
+    ),
   ]
   for name, spec in optimizers.REGISTRY.items():
     if name not in ('adamw', 'adafactor', 'adamsn', 'rmsprop_sn', 'adamsnsm') and spec.low_rank:
-      table.append(Row(f'{name} (paper rank)', lambda size, name=name: optimizers.build(
-          name, optax.constant_schedule(1e-3),
-          optimizers.Hyperparameters(rank=PAPER_RANK[size]))))
+      table.append(
+        Row(
+          f'{name} (paper rank)',
+          lambda size, name=name: optimizers.build(
+            name, optax.constant_schedule(1e-3), optimizers.Hyperparameters(rank=PAPER_RANK[size])
+          ),
+        )
+      )
   return table
 
 
@@ -104,9 +126,11 @@ def table(sizes: list[str]) -> str:
   lines = []
   for dtype in (jnp.float32, jnp.bfloat16):
     name = jnp.dtype(dtype).name
-    lines += [f'\n### {name} parameters and states\n',
-              '| optimizer | ' + ' | '.join(sizes) + ' |',
-              '|---|' + '---|' * len(sizes)]
+    lines += [
+      f'\n### {name} parameters and states\n',
+      '| optimizer | ' + ' | '.join(sizes) + ' |',
+      '|---|' + '---|' * len(sizes),
+    ]
     params = {size: abstract_params(size, dtype) for size in sizes}
     adamw = {size: measure(rows()[0], size, params[size])[0] for size in sizes}
     for row in rows():
@@ -114,17 +138,24 @@ def table(sizes: list[str]) -> str:
       for size in sizes:
         total, moments = measure(row, size, params[size])
         published = PUBLISHED.get((row.label, size))
-        note = f' (paper {published:.3f})' if published and dtype == jnp.bfloat16 and not \
-            row.paper_count else ''
+        note = (
+          f' (paper {published:.3f})'
+          if published and dtype == jnp.bfloat16 and not row.paper_count
+          else ''
+        )
         cells.append(f'{total / GIB:.3f} GiB, {total / adamw[size]:.1%}{note}')
         if row.paper_count:
           note = f' (paper {published:.3f})' if published and dtype == jnp.bfloat16 else ''
           paper_cells.append(f'{moments / GIB:.3f} GiB, {moments / adamw[size]:.1%}{note}')
-      lines.append(f'| {row.label}, everything counted | ' + ' | '.join(cells) + ' |'
-                   if row.paper_count else f'| {row.label} | ' + ' | '.join(cells) + ' |')
+      lines.append(
+        f'| {row.label}, everything counted | ' + ' | '.join(cells) + ' |'
+        if row.paper_count
+        else f'| {row.label} | ' + ' | '.join(cells) + ' |'
+      )
       if row.paper_count:
-        lines.append(f'| {row.label}, moments only (as the paper counts) | '
-                     + ' | '.join(paper_cells) + ' |')
+        lines.append(
+          f'| {row.label}, moments only (as the paper counts) | ' + ' | '.join(paper_cells) + ' |'
+        )
   return '\n'.join(lines)
 
 

@@ -54,10 +54,10 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2
 def update_runner(tx: optax.GradientTransformation, params_shapes, dtype) -> Callable[[], None]:
   """A closure running one donated, jitted update on random device data."""
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.02, dtype),
-                        params_shapes)
-  grads = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 1e-3, dtype),
-                       params_shapes)
+  params = jax.tree.map(
+    lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.02, dtype), params_shapes
+  )
+  grads = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 1e-3, dtype), params_shapes)
   state = jax.jit(tx.init)(params)
 
   def step(params, state, grads):
@@ -75,8 +75,9 @@ def update_runner(tx: optax.GradientTransformation, params_shapes, dtype) -> Cal
 
 
 def build(name: str, **hparams) -> optax.GradientTransformation:
-  return optimizers.build(name, optax.constant_schedule(1e-3),
-                          optimizers.Hyperparameters(**hparams))
+  return optimizers.build(
+    name, optax.constant_schedule(1e-3), optimizers.Hyperparameters(**hparams)
+  )
 
 
 def update_table(model: str, rank: int, rounds: int, dtype) -> str:
@@ -87,11 +88,13 @@ def update_table(model: str, rank: int, rounds: int, dtype) -> str:
       kwargs = {'rank': rank, 'update_proj_gap': NEVER} if spec.low_rank else {}
       candidates[name] = build(name, **kwargs)
   candidates['adamsnsm (random projector)'] = build(
-      'adamsnsm', rank=rank, update_proj_gap=NEVER, projector='random')
-  times = interleaved({n: update_runner(tx, shapes, dtype) for n, tx in candidates.items()},
-                      rounds)
-  lines = [f'| optimizer ({model}, rank {rank}, {jnp.dtype(dtype).name}) | update (ms) | '
-           'vs optax.adamw |', '|---|---|---|']
+    'adamsnsm', rank=rank, update_proj_gap=NEVER, projector='random'
+  )
+  times = interleaved({n: update_runner(tx, shapes, dtype) for n, tx in candidates.items()}, rounds)
+  lines = [
+    f'| optimizer ({model}, rank {rank}, {jnp.dtype(dtype).name}) | update (ms) | vs optax.adamw |',
+    '|---|---|---|',
+  ]
   for name, seconds in times.items():
     lines.append(f'| {name} | {seconds * 1e3:.1f} | {seconds / times["adamw"]:.2f}x |')
   return '\n'.join(lines)
@@ -106,20 +109,31 @@ def refresh_table(model: str, rank: int, rounds: int, dtype) -> str:
       runners[(projector, label)] = update_runner(tx, shapes, dtype)
   times = interleaved(runners, rounds)
   svd_cost = times[('svd', 'refresh')] - times[('svd', 'steady')]
-  lines = [f'| projector ({model}, rank {rank}) | refresh (ms, all matrices) | amortised over '
-           f'{GAP} steps (ms) | refresh vs svd | steady update (ms) |',
-           '|---|---|---|---|---|']
+  lines = [
+    f'| projector ({model}, rank {rank}) | refresh (ms, all matrices) | amortised over '
+    f'{GAP} steps (ms) | refresh vs svd | steady update (ms) |',
+    '|---|---|---|---|---|',
+  ]
   for projector in ('svd', 'randomized_svd', 'random'):
     cost = times[(projector, 'refresh')] - times[(projector, 'steady')]
     speedup = f'{svd_cost / cost:.1f}x cheaper' if projector != 'svd' and cost > 0 else '1x'
-    lines.append(f'| {projector} | {cost * 1e3:.1f} | {cost / GAP * 1e3:.2f} | {speedup} | '
-                 f'{times[(projector, "steady")] * 1e3:.1f} |')
+    lines.append(
+      f'| {projector} | {cost * 1e3:.1f} | {cost / GAP * 1e3:.2f} | {speedup} | '
+      f'{times[(projector, "steady")] * 1e3:.1f} |'
+    )
   return '\n'.join(lines)
 
 
 def train_table(model: str, rounds: int, names: list[str], bf16: bool) -> str:
-  base = train_lib.TrainConfig(model=model, steps=10**6, batch_size=8, mesh='data=1',
-                               bf16=bf16, progress=False, update_proj_gap=NEVER)
+  base = train_lib.TrainConfig(
+    model=model,
+    steps=10**6,
+    batch_size=8,
+    mesh='data=1',
+    bf16=bf16,
+    progress=False,
+    update_proj_gap=NEVER,
+  )
   runners = {}
   for name in names:
     run = train_lib.build(dataclasses.replace(base, optimizer=name))
@@ -133,12 +147,15 @@ def train_table(model: str, rounds: int, names: list[str], bf16: bool) -> str:
     runners[name] = step
   times = interleaved(runners, rounds)
   tokens = base.batch_size * base.seq_len
-  lines = [f'| optimizer ({model}, batch {base.batch_size}x{base.seq_len}, '
-           f'{"bf16" if bf16 else "f32"}) | train step (s) | tokens/s | vs adamw |',
-           '|---|---|---|---|']
+  lines = [
+    f'| optimizer ({model}, batch {base.batch_size}x{base.seq_len}, '
+    f'{"bf16" if bf16 else "f32"}) | train step (s) | tokens/s | vs adamw |',
+    '|---|---|---|---|',
+  ]
   for name, seconds in times.items():
-    lines.append(f'| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | '
-                 f'{seconds / times["adamw"]:.3f}x |')
+    lines.append(
+      f'| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / times["adamw"]:.3f}x |'
+    )
   return '\n'.join(lines)
 
 
@@ -162,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     elif part == 'refresh':
       sections.append(refresh_table(args.update_model, args.rank, args.rounds, dtype))
     elif part == 'train':
-      sections.append(train_table(args.train_model, args.rounds,
-                                  args.train_optimizers.split(','), args.bf16))
+      sections.append(
+        train_table(args.train_model, args.rounds, args.train_optimizers.split(','), args.bf16)
+      )
     else:
       parser.error(f'unknown part {part!r}')
     print(sections[-1] + '\n', flush=True)

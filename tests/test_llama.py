@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from examples.llama import data as data_lib
-from examples.llama import optimizers
+from examples.llama import optimizers, rso
 from examples.llama import train as train_lib
 from examples.llama.checkpoint import Checkpointer
 from examples.llama.configs import get_config
@@ -379,3 +379,38 @@ def test_model_and_data_options_train(corpus, tmp_path):
   q = result.final_state.params['blocks']['attn']['q']['kernel']
   assert q.shape == (2, 32, 32) and q.dtype == jnp.float32  # f32 params, bf16 compute
   assert 'lm_head' not in result.final_state.params
+
+
+def test_rso_merge_keeps_the_function():
+  model = Llama(get_config('toy', rso_rank=4, scan_layers=True), nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  state = nnx.to_pure_dict(state)
+  trained = jax.tree_util.tree_map_with_path(  # give every factor a value, as training would
+    lambda path, x: x + 0.1 if path[-1].key == 'factor' else x, state
+  )
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 12)), jnp.int32)
+  before = nnx.merge(graphdef, trained)(tokens)
+  merged = rso.merge_and_redraw(trained, jax.random.key(1))
+  np.testing.assert_allclose(nnx.merge(graphdef, merged)(tokens), before, rtol=1e-5, atol=1e-5)
+  q = merged['blocks']['attn']['q']
+  assert not jnp.any(q['factor'])
+  assert not np.allclose(q['projection'], state['blocks']['attn']['q']['projection'])
+
+
+def test_rso_layers_train_factors_and_merge_every_period(corpus, tmp_path):
+  cfg = toy_config(corpus, tmp_path, optimizer='rso_layers', steps=6, update_proj_gap=3)
+  run = train_lib.build(cfg)
+  state = run.init_state()
+  kernels = [np.asarray(state.params['blocks'][0]['mlp']['up']['kernel'])]  # donated later
+  for position in range(6):
+    state, _ = run.step_fn(state, *run.batches.batch(position))
+    kernels.append(np.asarray(state.params['blocks'][0]['mlp']['up']['kernel']))
+    factor = state.params['blocks'][0]['mlp']['up']['factor']
+    factor_count = optax.tree.get(state.opt_state, 'inner_states')['factor'].inner_state[0].count
+    if (position + 1) % 3:  # between merges: kernel frozen, factor trained
+      np.testing.assert_array_equal(kernels[-1], kernels[-2])
+      assert jnp.any(factor != 0) and int(factor_count) == (position + 1) % 3
+    else:  # at a merge: kernel moved, factor and its Adam state restart
+      assert not np.allclose(kernels[-1], kernels[-2])
+      assert not jnp.any(factor) and int(factor_count) == 0
+  assert 'factor' not in str(jax.tree_util.tree_structure(rso.without_factors(state.params)))

@@ -25,6 +25,7 @@ class LlamaConfig:
   tie_embeddings: bool = False
   scan_layers: bool = False
   compute_dtype: str = 'float32'
+  rso_rank: int | None = None  # train linear layers through rank-r factors (rso.py)
 
   @property
   def head_dim(self) -> int:

@@ -15,9 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from examples.llama.configs import LlamaConfig
+from examples.llama.rso import RSOLinear
 
 
-def dense(n_in: int, n_out: int, rngs: nnx.Rngs, dtype) -> nnx.Linear:
+def dense(n_in: int, n_out: int, rngs: nnx.Rngs, config: LlamaConfig) -> nnx.Module:
+  """A bias-free linear layer; with ``config.rso_rank``, an RSO layer (see rso.py)."""
+  dtype = jnp.dtype(config.compute_dtype)
+  if config.rso_rank:
+    return RSOLinear(n_in, n_out, config.rso_rank, rngs, dtype)
   return nnx.Linear(
     n_in,
     n_out,
@@ -41,12 +46,12 @@ def rope(x_BTHD: jax.Array, theta: float) -> jax.Array:
 
 class Attention(nnx.Module):
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
-    dtype, head_dim = jnp.dtype(config.compute_dtype), config.head_dim
+    head_dim = config.head_dim
     self.config = config
-    self.q = dense(config.dim, config.n_heads * head_dim, rngs, dtype)
-    self.k = dense(config.dim, config.kv_heads * head_dim, rngs, dtype)
-    self.v = dense(config.dim, config.kv_heads * head_dim, rngs, dtype)
-    self.o = dense(config.n_heads * head_dim, config.dim, rngs, dtype)
+    self.q = dense(config.dim, config.n_heads * head_dim, rngs, config)
+    self.k = dense(config.dim, config.kv_heads * head_dim, rngs, config)
+    self.v = dense(config.dim, config.kv_heads * head_dim, rngs, config)
+    self.o = dense(config.n_heads * head_dim, config.dim, rngs, config)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     batch, seq_len, _ = x_BTD.shape
@@ -62,10 +67,9 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
-    dtype = jnp.dtype(config.compute_dtype)
-    self.gate = dense(config.dim, config.ffn_dim, rngs, dtype)
-    self.up = dense(config.dim, config.ffn_dim, rngs, dtype)
-    self.down = dense(config.ffn_dim, config.dim, rngs, dtype)
+    self.gate = dense(config.dim, config.ffn_dim, rngs, config)
+    self.up = dense(config.dim, config.ffn_dim, rngs, config)
+    self.down = dense(config.ffn_dim, config.dim, rngs, config)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
@@ -109,7 +113,7 @@ class Llama(nnx.Module):
       self.blocks = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
     self.final_norm = nnx.RMSNorm(config.dim, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
     if not config.tie_embeddings:
-      self.lm_head = dense(config.dim, config.vocab_size, rngs, dtype)
+      self.lm_head = dense(config.dim, config.vocab_size, rngs, config)
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     x_BTD = self.embed(tokens_BT)

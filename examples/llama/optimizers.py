@@ -17,6 +17,7 @@ import jax
 import optax
 
 import optax_lean
+from examples.llama import rso
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class OptimizerSpec:
   build: Callable[[optax.Schedule, Hyperparameters], optax.GradientTransformation]
   learning_rate: float
   low_rank: bool = False
+  trains_factors: bool = False  # the model trains RSO factors (rso.py), see 'rso_layers'
   description: str = ''
 
 
@@ -83,6 +85,16 @@ REGISTRY: dict[str, OptimizerSpec] = {
     1e-2,
     low_rank=True,
     description='subspace momentum over subset-norm',
+  ),
+  'rso_layers': OptimizerSpec(
+    lambda lr, h: rso.partitioned(
+      optax.adam(lr), optax.adamw(lr, eps=1e-8, weight_decay=h.weight_decay)
+    ),
+    3e-3,
+    low_rank=True,
+    trains_factors=True,
+    description='RSO on the model side: Adam on a random rank-r factor of each linear layer, '
+    'merged every update_proj_gap steps (activation memory drops too)',
   ),
   'rmsprop_sn': OptimizerSpec(
     lambda lr, h: optax_lean.rmsprop_sn(

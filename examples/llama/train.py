@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lean
 from examples.llama import data as data_lib
-from examples.llama import optimizers
+from examples.llama import optimizers, rso
 from examples.llama.checkpoint import Checkpointer
 from examples.llama.configs import CONFIGS, get_config
 from examples.llama.model import Llama, param_count
@@ -141,15 +141,15 @@ def learning_rate_schedule(cfg: TrainConfig, peak: float) -> optax.Schedule:
 
 
 def make_optimizer(
-  cfg: TrainConfig, model_width: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The configured optimizer (with clipping and accumulation) and its schedule."""
+  cfg: TrainConfig,
+) -> tuple[optax.GradientTransformation, optax.Schedule, optimizers.Hyperparameters]:
+  """The configured optimizer (with clipping, protection, accumulation) and its inputs."""
   peak = cfg.learning_rate or optimizers.REGISTRY[cfg.optimizer].learning_rate
   schedule = learning_rate_schedule(cfg, peak)
   subset = cfg.subset_size if cfg.subset_size == 'heuristic' else int(cfg.subset_size)
   hparams = optimizers.Hyperparameters(
     weight_decay=cfg.weight_decay,
-    rank=cfg.rank or max(1, model_width // 4),
+    rank=cfg.rank or max(1, get_config(cfg.model).dim // 4),
     update_proj_gap=cfg.update_proj_gap,
     projector=cfg.projector,
     subset_size=subset,
@@ -162,7 +162,7 @@ def make_optimizer(
     tx = optax.apply_if_finite(tx, MAX_CONSECUTIVE_NONFINITE)
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-  return tx, schedule
+  return tx, schedule, hparams
 
 
 def loss_fn(graphdef, params, inputs, targets):
@@ -213,6 +213,9 @@ class Run:
   schedule: optax.Schedule
   state_sharding: TrainState
   abstract_state: TrainState
+  graphdef: Any  # the model's structure, to nnx.merge with parameters
+  split: Any  # params -> (trainable, frozen)
+  join: Any  # (trainable, frozen) -> params
   init_state: Any  # () -> TrainState, jitted
   step_fn: Any  # (state, inputs, targets) -> (state, metrics), jitted, donates state
   eval_fn: Any  # (params, inputs, targets) -> loss, jitted
@@ -233,6 +236,8 @@ def build(cfg: TrainConfig) -> Run:
   batches = data_lib.TokenBatches.from_tokens(
     tokenizer.encode(text), cfg.batch_size, cfg.seq_len, cfg.seed
   )
+  spec = optimizers.REGISTRY[cfg.optimizer]
+  tx, schedule, hparams = make_optimizer(cfg)
   model_cfg = get_config(
     cfg.model,
     vocab_size=tokenizer.vocab_size
@@ -242,6 +247,7 @@ def build(cfg: TrainConfig) -> Run:
     tie_embeddings=cfg.tie_embeddings,
     n_kv_heads=cfg.n_kv_heads,
     compute_dtype='bfloat16' if cfg.bf16 else 'float32',
+    rso_rank=hparams.rank if spec.trains_factors else None,
   )
   names, sizes = parse_mesh(cfg.mesh)
   devices = math.prod(sizes)
@@ -256,32 +262,46 @@ def build(cfg: TrainConfig) -> Run:
     devices=jax.devices()[:devices],
   )
   fsdp = dict(zip(names, sizes)).get('fsdp', 1)
+  # With RSO the linear kernels and their random projections are frozen between merges.
+  split, join = (rso.split, rso.join) if spec.trains_factors else (rso.no_split, rso.no_join)
 
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Llama(model_cfg, nnx.Rngs(0))))
   abstract_params = nnx.to_pure_dict(abstract_params)
   param_shd = jax.tree.map(
     lambda p: NamedSharding(mesh, fsdp_spec(p.shape, fsdp, cfg.scan_layers)), abstract_params
   )
-  tx, schedule = make_optimizer(cfg, model_cfg.dim)
   replicated = NamedSharding(mesh, P())
-  state_shd = TrainState(
-    replicated, param_shd, optax_lean.state_sharding(tx, abstract_params, param_shd)
-  )
+  opt_shd = optax_lean.state_sharding(tx, split(abstract_params)[0], split(param_shd)[0])
+  state_shd = TrainState(replicated, param_shd, opt_shd)
   batch_shd = NamedSharding(mesh, P(names))
 
   def init_state() -> TrainState:
-    params = nnx.to_pure_dict(nnx.state(Llama(model_cfg, nnx.Rngs(cfg.seed)), nnx.Param))
-    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
+    params = nnx.to_pure_dict(nnx.state(Llama(model_cfg, nnx.Rngs(cfg.seed))))
+    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(split(params)[0]))
 
   def train_step(state: TrainState, inputs, targets):
-    loss, grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, state.params, inputs, targets)
+    trainable, frozen = split(state.params)
+    loss, grads = jax.value_and_grad(lambda t: loss_fn(graphdef, join(t, frozen), inputs, targets))(
+      trainable
+    )
     if cfg.nonfinite_grad_step is not None:
       poison = state.step + 1 == cfg.nonfinite_grad_step
       grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g).astype(g.dtype), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    params, step = join(trainable, frozen), state.step + 1
+    if spec.trains_factors:
+      key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+      params, opt_state = jax.lax.cond(
+        step % (hparams.update_proj_gap * cfg.grad_accum) == 0,
+        lambda: (
+          rso.merge_and_redraw(params, key),
+          rso.reset_factor_state(tx, opt_state, trainable),
+        ),
+        lambda: (params, opt_state),
+      )
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(step, params, opt_state), metrics
 
   return Run(
     cfg=cfg,
@@ -291,6 +311,9 @@ def build(cfg: TrainConfig) -> Run:
     schedule=schedule,
     state_sharding=state_shd,
     abstract_state=jax.eval_shape(init_state),
+    graphdef=graphdef,
+    split=split,
+    join=join,
     init_state=jax.jit(init_state, out_shardings=state_shd),
     step_fn=jax.jit(
       train_step,
@@ -308,7 +331,8 @@ def build(cfg: TrainConfig) -> Run:
 
 def report_memory(run: Run) -> tuple[int, int, int]:
   """Prints parameter count and optimizer-state memory next to AdamW's."""
-  params, opt_state = run.abstract_state.params, run.abstract_state.opt_state
+  params = rso.without_factors(run.abstract_state.params)
+  opt_state = run.abstract_state.opt_state
   n_params = param_count(params)
   opt_bytes = optax_lean.state_bytes(opt_state)
   adamw_bytes = optax_lean.state_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
