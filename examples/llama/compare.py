@@ -36,8 +36,9 @@ def steps_to_reach(history: list[dict], target: float) -> float | None:
   return None
 
 
-def table(results: list[train_lib.RunResult]) -> str:
+def table(results: list[train_lib.RunResult], labels: list[str] | None = None) -> str:
   """A markdown table; the first run is the reference for "steps to reach"."""
+  labels = labels or [r.config.optimizer for r in results]
   reference = results[0]
   target = [r for r in reference.history if 'val_loss' in r][-1]['val_loss']
   name = reference.config.optimizer
@@ -46,7 +47,7 @@ def table(results: list[train_lib.RunResult]) -> str:
     f'({target:.3f}) | state memory | tokens/s |',
     '|---|---|---|---|---|---|---|',
   ]
-  for result in results:
+  for label, result in zip(labels, results):
     cfg = result.config
     final = [r for r in result.history if 'val_loss' in r][-1]
     reached = steps_to_reach(result.history, target)

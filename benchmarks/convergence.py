@@ -1,0 +1,125 @@
+"""Convergence: each optimizer at its tuned learning rate, against AdamW's final loss.
+
+    python -m benchmarks.convergence [--sweep] [--study] [--out FILE]
+
+Every run uses the example trainer with the same data (the bundled corpus),
+seed, model and step budget. ``SWEEP`` records the learning rates tried per
+optimizer and ``TUNED`` the best of them (``--sweep`` reruns the sweep and
+prints the best). The report gives each optimizer's final validation loss and
+the steps and tokens it needs to reach AdamW's final validation loss (the
+paper's headline: AdamSNSM in at most half of AdamW's steps). ``--study``
+varies AdamSNSM's rank, refresh gap and momentum policy at its tuned rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from examples.llama import compare
+from examples.llama import train as train_lib
+
+BASE = train_lib.TrainConfig(
+  model='tiny',
+  steps=600,
+  batch_size=16,
+  seq_len=256,
+  eval_every=50,
+  eval_batches=20,
+  mesh='data=1',
+  progress=False,
+)
+# Peak learning rates tried per optimizer (warmup 10%, cosine to 10%).
+SWEEP = {
+  'adamw': (1e-3, 3e-3, 1e-2),
+  'adamsn': (1e-2, 3e-2, 1e-1),
+  'adamsnsm': (3e-3, 1e-2, 3e-2),
+  'rmsprop_sn': (3e-3, 1e-2, 3e-2),
+  'sgd_sm': (0.1, 0.3, 1.0),
+}
+# The best of SWEEP on BASE (python -m benchmarks.convergence --sweep).
+TUNED = {
+  'adamw': 3e-3,
+  'adamsn': 3e-2,
+  'adamsnsm': 1e-2,
+  'rmsprop_sn': 1e-2,
+  'sgd_sm': 0.3,
+}
+STUDY = {
+  'rank 16': dict(rank=16),
+  'rank 64': dict(rank=64),
+  'rank 128 (full)': dict(rank=128),
+  'gap 25': dict(update_proj_gap=25),
+  'gap 300': dict(update_proj_gap=300),
+  "momentum 'keep'": dict(momentum_on_refresh='keep'),
+  "momentum 'rotate'": dict(momentum_on_refresh='rotate'),
+  "momentum 'reset'": dict(momentum_on_refresh='reset'),
+  'randomized_svd': dict(projector='randomized_svd'),
+}
+
+
+def final_loss(result: train_lib.RunResult) -> float:
+  return [r for r in result.history if 'val_loss' in r][-1]['val_loss']
+
+
+def run(
+  base: train_lib.TrainConfig, name: str, lr: float, out_dir: str, **overrides
+) -> train_lib.RunResult:
+  cfg = dataclasses.replace(base, optimizer=name, learning_rate=lr, out_dir=out_dir, **overrides)
+  print(f'-- {name} lr={lr:g} {overrides or ""}', flush=True)
+  return train_lib.train(cfg)
+
+
+def sweep(base: train_lib.TrainConfig, out_dir: str) -> str:
+  lines = [
+    '| optimizer | ' + ' | '.join(f'lr #{i + 1}' for i in range(3)) + ' | best |',
+    '|---|---|---|---|---|',
+  ]
+  for name, rates in SWEEP.items():
+    losses = {lr: final_loss(run(base, name, lr, f'{out_dir}/sweep/{name}-{lr:g}')) for lr in rates}
+    best = min(losses, key=losses.get)
+    cells = [f'{lr:g}: {loss:.4f}' for lr, loss in losses.items()]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {best:g} |')
+  return '\n'.join(lines)
+
+
+def headline(base: train_lib.TrainConfig, out_dir: str) -> str:
+  return compare.table([run(base, name, lr, f'{out_dir}/{name}') for name, lr in TUNED.items()])
+
+
+def study(base: train_lib.TrainConfig, out_dir: str) -> str:
+  results = [run(base, 'adamw', TUNED['adamw'], f'{out_dir}/adamw')]
+  labels = ['adamw']
+  for label, overrides in STUDY.items():
+    results.append(
+      run(base, 'adamsnsm', TUNED['adamsnsm'], f'{out_dir}/study/{label}', **overrides)
+    )
+    labels.append(f'adamsnsm, {label}')
+  return compare.table(results, labels)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--sweep', action='store_true', help='rerun the learning-rate sweep')
+  parser.add_argument('--study', action='store_true', help="vary AdamSNSM's rank, gap, policy")
+  parser.add_argument('--steps', type=int, default=BASE.steps)
+  parser.add_argument('--out-dir', default='runs/convergence')
+  parser.add_argument('--out', default=None, help='also write the tables to this file')
+  args = parser.parse_args(argv)
+  base = dataclasses.replace(BASE, steps=args.steps)
+  sections = []
+  if args.sweep:
+    sections.append(sweep(base, args.out_dir))
+    print(sections[-1], flush=True)
+  sections.append(headline(base, args.out_dir))
+  print(sections[-1], flush=True)
+  if args.study:
+    sections.append(study(base, args.out_dir))
+    print(sections[-1], flush=True)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write('\n\n'.join(sections) + '\n')
+
+
+if __name__ == '__main__':
+  main()
