@@ -58,7 +58,7 @@ def table(results: list[train_lib.RunResult], labels: list[str] | None = None) -
       f'({result.state_bytes / result.adamw_state_bytes:.0%} of adamw)'
     )
     lines.append(
-      f'| {cfg.optimizer} | {lr:g} | {final["val_loss"]:.4f} | {final["val_ppl"]:.2f} | '
+      f'| {label} | {lr:g} | {final["val_loss"]:.4f} | {final["val_ppl"]:.2f} | '
       f'{reach} | {memory} | {result.tokens_per_second:,.0f} |'
     )
   return '\n'.join(lines)
