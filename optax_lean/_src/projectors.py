@@ -214,7 +214,8 @@ class SVDProjector(_DenseProjector):
 
   The basis spans the smaller axis, as in the official code: for a PyTorch
   weight ``(out, in)`` with ``out >= in`` (also square) the first ``r`` rows of
-  ``V^T`` (a "right" projector), otherwise the first ``r`` columns of ``U``.
+  ``V^T`` (a "right" projector), otherwise the first ``r`` columns of ``U``
+  (``square_side='out'`` gives square matrices a "left" one, as LDAdam).
   Signs are canonicalised (``canonicalize_signs``).
   """
 
