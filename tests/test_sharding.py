@@ -64,9 +64,6 @@ OPTIMIZERS = {
   'galore': lambda: optax_lean.galore(
     1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS, weight_decay=0.1
   ),
-  'galore_random': lambda: optax_lean.galore(
-    1e-2, rank=4, update_proj_gap=GAP, projector='random', mask=MASK, dimension_numbers=DIMS
-  ),
   'ldadam': lambda: optax_lean.ldadam(
     1e-2, rank=4, mask=MASK, dimension_numbers=DIMS, weight_decay=0.1
   ),

@@ -185,14 +185,19 @@ def scale_by_online_subspace_descent(
     return plan_subspaces(tree, projector, rank, mask, dimension_numbers)
 
   def init_fn(params):
-    inner_state = inner.init(params)
     leaves, treedef = jax.tree.flatten(params)
-    moments = [
-      None if plan is None else plan.projector_zeros(p, projector_dtype)
-      for p, plan in zip(leaves, plans(params))
-    ]
-    moments = jax.tree.unflatten(treedef, moments)
-    return ScaleByOnlineSubspaceDescentState(*inner_state, moments, moments)
+    leaf_plans = plans(params)
+
+    def zeros():  # one buffer per moment, so that states can be donated
+      return jax.tree.unflatten(
+        treedef,
+        [
+          None if plan is None else plan.projector_zeros(p, projector_dtype)
+          for p, plan in zip(leaves, leaf_plans)
+        ],
+      )
+
+    return ScaleByOnlineSubspaceDescentState(*inner.init(params), zeros(), zeros())
 
   def learn(g, proj_state, p_mu, p_nu, plan, count, step_size):
     """One AdamW step of the basis on the PCA loss of ``g`` (none at step 0)."""
