@@ -8,8 +8,16 @@ from optax_lean._src.combine import (
   scale_by_ratio,
 )
 from optax_lean._src.dimension_numbers import DimensionNumbers, default_mask
+from optax_lean._src.galore import ScaleByGaLoreState, galore, scale_by_galore
+from optax_lean._src.ldadam import ScaleByLDAdamState, ldadam, scale_by_ldadam
 from optax_lean._src.memory import state_bytes, state_bytes_by_kind, state_bytes_by_leaf
+from optax_lean._src.online_subspace import (
+  ScaleByOnlineSubspaceDescentState,
+  online_subspace_descent,
+  scale_by_online_subspace_descent,
+)
 from optax_lean._src.projectors import (
+  PowerIterationProjector,
   Projector,
   RandomizedSVDProjector,
   RandomProjector,
@@ -17,6 +25,7 @@ from optax_lean._src.projectors import (
   TopKProjector,
   UniformProjector,
 )
+from optax_lean._src.rso import ScaleByRandomSubspaceState, rso, scale_by_random_subspace
 from optax_lean._src.sharding import state_sharding
 from optax_lean._src.subset_norm import ScaleBySubsetNormState, scale_by_subset_norm
 from optax_lean._src.subspace_momentum import (
@@ -29,10 +38,15 @@ __version__ = '0.1.0'
 __all__ = (
   'AddDecayedWeightsAfterUpdateState',
   'DimensionNumbers',
+  'PowerIterationProjector',
   'Projector',
   'RandomProjector',
   'RandomizedSVDProjector',
   'SVDProjector',
+  'ScaleByGaLoreState',
+  'ScaleByLDAdamState',
+  'ScaleByOnlineSubspaceDescentState',
+  'ScaleByRandomSubspaceState',
   'ScaleByRatioState',
   'ScaleBySubsetNormState',
   'ScaleBySubspaceMomentumState',
@@ -44,7 +58,15 @@ __all__ = (
   'adamsnsm',
   'add_decayed_weights_after_update',
   'default_mask',
+  'galore',
+  'ldadam',
+  'online_subspace_descent',
   'rmsprop_sn',
+  'rso',
+  'scale_by_galore',
+  'scale_by_ldadam',
+  'scale_by_online_subspace_descent',
+  'scale_by_random_subspace',
   'scale_by_ratio',
   'scale_by_subset_norm',
   'scale_by_subspace_momentum',

@@ -32,6 +32,14 @@ def canonical_signs(vectors: np.ndarray, axis: int) -> np.ndarray:
   return vectors * np.where(pivot < 0, -1.0, 1.0)[:, None]
 
 
+def svd_projector(g, rank):
+  """The official ``svd``/``std`` projector: ``B (r, n)`` (rows) if m >= n, else ``A (m, r)``."""
+  u, _, vt = np.linalg.svd(g, full_matrices=False)
+  if g.shape[0] >= g.shape[1]:
+    return canonical_signs(vt[:rank, :], axis=1)
+  return canonical_signs(u[:, :rank], axis=0)
+
+
 class GenericOptimReference:
   """One parameter of the official optimizer.
 
@@ -81,13 +89,7 @@ class GenericOptimReference:
   def _new_projector(self, g, given):
     m, n = g.shape
     if self.proj_type in ('svd', 'given'):
-      if self.proj_type == 'given':
-        return given
-      u, _, vt = np.linalg.svd(g, full_matrices=False)
-      r = min(self.rank, m, n)
-      if self._tall():
-        return canonical_signs(vt[:r, :], axis=1)  # B: (r, n), rows
-      return canonical_signs(u[:, :r], axis=0)  # A: (m, r), columns
+      return given if self.proj_type == 'given' else svd_projector(g, min(self.rank, m, n))
     if self.proj_type == 'topk':
       norms = np.linalg.norm(g, axis=1) if self._tall() else np.linalg.norm(g, axis=0)
       return np.argsort(-norms, kind='stable')[: self.rank]

@@ -34,6 +34,27 @@ OPTIMIZERS = {
   'sgd_sm': lambda: optax_lean.sgd_sm(
     optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 20), rank=2, update_proj_gap=GAP
   ),
+  'galore': lambda: optax_lean.galore(1e-2, rank=2, update_proj_gap=GAP, weight_decay=0.1),
+  'galore_random_bf16_states': lambda: optax_lean.galore(
+    1e-2,
+    rank=2,
+    update_proj_gap=GAP,
+    projector='random',
+    mu_dtype=jnp.bfloat16,
+    nu_dtype=jnp.bfloat16,
+  ),
+  'ldadam': lambda: optax_lean.ldadam(1e-2, rank=2, weight_decay=0.1),
+  'ldadam_svd_no_error_feedback': lambda: optax_lean.ldadam(
+    1e-2, rank=2, projector='svd', error_feedback=False
+  ),
+  'online_subspace_descent': lambda: optax_lean.online_subspace_descent(
+    optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 20),
+    rank=2,
+    update_proj_gap=GAP,
+    base_learning_rate=0.1,
+    orthogonality_penalty=0.1,
+  ),
+  'rso': lambda: optax_lean.rso(1e-2, rank=2, update_proj_gap=GAP),
 }
 
 

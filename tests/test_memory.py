@@ -58,3 +58,26 @@ def test_by_leaf_paths_sum_to_the_total():
   by_leaf = optax_lean.state_bytes_by_leaf(state)
   assert by_leaf["[0].denominator.nu['kernel']"] == 48 * F32
   assert sum(by_leaf.values()) == optax_lean.state_bytes(state)
+
+
+def test_galore_family_counts():
+  rank = 4
+  lowrank = (rank * 48 + PLAIN) * F32  # r * max(m, n), plus full Adam elsewhere
+  galore = optax_lean.state_bytes_by_kind(abstract_state(optax_lean.galore(1e-2, rank=rank)))
+  assert galore['mu'] == galore['nu'] == lowrank
+  assert galore['projector'] == 16 * rank * F32  # r * min(m, n)
+
+  ldadam = optax_lean.state_bytes_by_kind(abstract_state(optax_lean.ldadam(1e-2, rank=rank)))
+  assert ldadam['mu'] == ldadam['nu'] == lowrank
+  assert ldadam['error'] == 16 * 48 * F32  # the full-size error-feedback buffer
+  no_ef = abstract_state(optax_lean.ldadam(1e-2, rank=rank, error_feedback=False))
+  assert 'error' not in optax_lean.state_bytes_by_kind(no_ef)
+
+  osd = optax_lean.state_bytes_by_kind(
+    abstract_state(optax_lean.online_subspace_descent(1e-2, rank=rank))
+  )
+  assert osd['projector_mu'] == osd['projector_nu'] == osd['projector'] == 16 * rank * F32
+
+  rso = optax_lean.state_bytes_by_kind(abstract_state(optax_lean.rso(1e-2, rank=rank)))
+  assert rso['mu'] == lowrank  # the input axis is the smaller one here
+  assert rso['projector'] == 2 * 4  # a PRNG key

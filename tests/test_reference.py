@@ -62,27 +62,43 @@ def given_projector(projector, name, layer, kind):
   return state.T if n_out >= n_in else state  # B (r, in) rows, or A (out, r)
 
 
-def run_against_reference(tx, make_reference, projector_of=None, kind=None):
+def given_by(projector_of, kind):
+  """Replays our random draws in the reference: ``given(state, name, layer)``."""
+  if kind not in ('uniform', 'random', 'randomized_svd'):
+    return None
+  return lambda state, name, layer: (
+    given_projector(projector_of(state), name, layer, kind) if MASK[name] else None
+  )
+
+
+def run_against_reference(
+  tx, make_reference, given=None, *, learning_rate=LR, decay_after=True, dtype=jnp.float32
+):
+  """Drives ``tx`` and the references with the same gradients, step by step.
+
+  ``given(state, name, layer)``, if set, is passed to each reference step (a
+  projector to use at a refresh). Weight decay is applied after the update
+  (Hugging Face order) or, with ``decay_after=False``, to the pre-update
+  parameters (PyTorch/optax order). Parameters and gradients are ``dtype``.
+  """
   rng = np.random.default_rng(0)
-  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
+  params = {k: jnp.asarray(rng.normal(size=s), dtype) for k, s in SHAPES.items()}
   refs = {k: [make_reference(k, m.shape) for m in torch_matrices(k, v)] for k, v in params.items()}
   state = tx.init(params)
   update = jax.jit(tx.update)
-  for _ in range(STEPS):
-    grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
+  for step in range(STEPS):
+    lr = learning_rate(step) if callable(learning_rate) else learning_rate
+    grads = {k: jnp.asarray(rng.normal(size=s), dtype) for k, s in SHAPES.items()}
     updates, state = update(grads, state, params)
     for name in SHAPES:
       got = torch_matrices(name, updates[name])
       for layer, (ref, g, p) in enumerate(
         zip(refs[name], torch_matrices(name, grads[name]), torch_matrices(name, params[name]))
       ):
-        given = None
-        if kind in ('uniform', 'random', 'randomized_svd') and MASK[name]:
-          given = given_projector(projector_of(state), name, layer, kind)
-        u = -LR * ref.step(g, given)
-        expected = u - LR * WD * (p + u)
+        u = -lr * (ref.step(g) if given is None else ref.step(g, given(state, name, layer)))
+        expected = u - lr * WD * (p + u) if decay_after else u - lr * WD * p
         np.testing.assert_allclose(
-          got[layer], expected, rtol=1e-5, atol=1e-6, err_msg=f'{name}[{layer}] t={ref.t}'
+          got[layer], expected, rtol=1e-5, atol=1e-6, err_msg=f'{name}[{layer}] t={step + 1}'
         )
     params = optax.apply_updates(params, updates)
 
@@ -137,7 +153,7 @@ def test_adamsnsm(subset_size, projector):
   make = reference_factory(
     momentum='sm', second_moment='sn', subset_size=RULES[subset_size], proj_type=proj_type
   )
-  run_against_reference(tx, make, sm_projector, projector)
+  run_against_reference(tx, make, given_by(sm_projector, projector))
 
 
 @pytest.mark.parametrize('policy', ['official', 'keep', 'reset', 'rotate'])

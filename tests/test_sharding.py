@@ -61,6 +61,18 @@ OPTIMIZERS = {
   'adamsn_chunks': lambda: optax_lean.adamsn(
     1e-2, subset_size=64, mask=MASK, dimension_numbers=DIMS
   ),
+  'galore': lambda: optax_lean.galore(
+    1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS, weight_decay=0.1
+  ),
+  'ldadam': lambda: optax_lean.ldadam(
+    1e-2, rank=4, mask=MASK, dimension_numbers=DIMS, weight_decay=0.1
+  ),
+  'online_subspace_descent': lambda: optax_lean.online_subspace_descent(
+    1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS
+  ),
+  'rso': lambda: optax_lean.rso(
+    1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS
+  ),
   'adamw': lambda: optax.adamw(1e-2),
 }
 
@@ -149,6 +161,21 @@ def test_large_states_are_sharded(axis_type):
     assert leaf.sharding.shard_shape(leaf.shape) == shard_shape, path
   unsharded = [p for p, x in leaves.items() if x.sharding.shard_shape(x.shape) == x.shape]
   assert not unsharded, unsharded
+
+
+@pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit])
+@pytest.mark.parametrize('name', ['galore', 'ldadam', 'online_subspace_descent', 'rso'])
+def test_large_family_states_are_sharded(name, axis_type):
+  tx = OPTIMIZERS[name]()
+  mesh = make_mesh(axis_type)
+  param_shd = {k: NamedSharding(mesh, spec) for k, (_, spec) in SPECS.items()}
+  params = jax.device_put(jax.tree.map(jnp.ones_like, grads_at(0)), param_shd)
+  state = jax.jit(tx.init, out_shardings=optax_lean.state_sharding(tx, params))(params)
+  leaves = large_leaves(state)
+  unsharded = [p for p, x in leaves.items() if x.sharding.shard_shape(x.shape) == x.shape]
+  assert not unsharded, unsharded
+  if name == 'ldadam':  # the full-size error buffer is sharded like its parameter
+    assert leaves["[0].error['w']"].sharding.shard_shape((16, 32)) == (8, 8)
 
 
 def test_explicit_mesh_eager_init_is_already_sharded():

@@ -18,7 +18,7 @@ import jax
 import optax
 
 from optax_lean._src import checks
-from optax_lean._src.combine import add_decayed_weights_after_update, scale_by_ratio
+from optax_lean._src.combine import chain_with_decay_after_update, scale_by_ratio
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.projectors import Projector
 from optax_lean._src.subset_norm import SubsetSize, scale_by_subset_norm
@@ -33,20 +33,6 @@ def _momentum(
   if checks.is_zero(b1):
     return optax.identity()
   return optax.ema(b1, debias=debias, accumulator_dtype=mu_dtype)
-
-
-def _finish(
-  core: optax.GradientTransformation,
-  learning_rate: optax.ScalarOrSchedule,
-  weight_decay: chex.Numeric,
-  weight_decay_mask: Any | None,
-) -> optax.GradientTransformationExtraArgs:
-  checks.non_negative('weight_decay', weight_decay)
-  return optax.chain(
-    core,
-    optax.scale_by_learning_rate(learning_rate),
-    add_decayed_weights_after_update(learning_rate, weight_decay, weight_decay_mask),
-  )
 
 
 def adamsnsm(
@@ -161,7 +147,7 @@ def adamsnsm(
       nu_dtype=nu_dtype,
     ),
   )
-  return _finish(core, learning_rate, weight_decay, weight_decay_mask)
+  return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def adamsn(
@@ -232,7 +218,7 @@ def adamsn(
       nu_dtype=nu_dtype,
     ),
   )
-  return _finish(core, learning_rate, weight_decay, weight_decay_mask)
+  return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def rmsprop_sn(
@@ -290,7 +276,7 @@ def rmsprop_sn(
     dimension_numbers=dimension_numbers,
     nu_dtype=nu_dtype,
   )
-  return _finish(core, learning_rate, weight_decay, weight_decay_mask)
+  return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def adagrad_sn(
@@ -351,7 +337,7 @@ def adagrad_sn(
       nu_dtype=nu_dtype,
     ),
   )
-  return _finish(core, learning_rate, weight_decay, weight_decay_mask)
+  return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def adagrad_snsm(
@@ -437,7 +423,7 @@ def adagrad_snsm(
       nu_dtype=nu_dtype,
     ),
   )
-  return _finish(core, learning_rate, weight_decay, weight_decay_mask)
+  return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)
 
 
 def sgd_sm(
@@ -503,4 +489,4 @@ def sgd_sm(
     projector_dtype=projector_dtype,
     seed=seed,
   )
-  return _finish(core, learning_rate, weight_decay, weight_decay_mask)
+  return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_lean._src import checks
+
 
 class ScaleByRatioState(NamedTuple):
   """State of ``scale_by_ratio``: the states of its two transformations."""
@@ -130,3 +132,37 @@ def add_decayed_weights_after_update(
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
+
+
+def chain_with_decay_after_update(
+  core: optax.GradientTransformation,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: chex.Numeric,
+  mask: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """``core``, then the learning rate, then decay after the update (HF order)."""
+  checks.non_negative('weight_decay', weight_decay)
+  return optax.chain(
+    core,
+    optax.scale_by_learning_rate(learning_rate),
+    add_decayed_weights_after_update(learning_rate, weight_decay, mask),
+  )
+
+
+def chain_with_decay_before_update(
+  core: optax.GradientTransformation,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: chex.Numeric,
+  mask: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """``core``, decay of the pre-update parameters, then the learning rate.
+
+  :math:`p \\leftarrow p - \\eta_t (u + \\lambda p) = p(1 - \\eta_t\\lambda) -
+  \\eta_t u`: the order of ``torch.optim.AdamW`` and ``optax.adamw``.
+  """
+  checks.non_negative('weight_decay', weight_decay)
+  return optax.chain(
+    core,
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,10 +1,11 @@
 """Subspace projectors: how a rank-r basis is chosen, stored and refreshed.
 
 A projector spans ``r`` directions of one axis of a matrix gradient ``G``
-(canonical ``(*batch, in, out)`` view). Which axis is the projector's own rule:
-the SVD family takes the smaller one (the official code's "right" projection
-for a PyTorch weight with ``out >= in``), coordinate projectors take the larger
-one. All projections go through a dense basis ``B`` with orthonormal columns,
+(canonical ``(*batch, in, out)`` view). Which axis is the projector's own rule
+(``side`` and ``square_side``): the SVD family takes the smaller one (the
+official code's "right" projection for a PyTorch weight with ``out >= in``),
+coordinate projectors take the larger one. All projections go through a dense
+basis ``B`` with orthonormal columns,
 
 .. math::
   R = B^\\top G_a, \\qquad \\mathrm{back}(X) = B X,
@@ -88,20 +89,45 @@ def change_of_basis(new: jax.Array, old: jax.Array, out_dtype: jax.typing.DTypeL
   )
 
 
+SIDES = ('smaller', 'larger', 'in', 'out')
+
+
 @dataclasses.dataclass(frozen=True)
 class Projector(abc.ABC):
   """The rule behind a subspace: which axis, what is stored, how it refreshes.
 
   Subclasses are frozen dataclasses holding only static configuration, so a
   projector can be built at factory time and closed over by ``update``.
+
+  Attributes:
+    side: Which axis of the ``(…, in, out)`` view the basis spans:
+      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'``.
+    square_side: For ``'smaller'``/``'larger'``, the axis of a square matrix:
+      ``'in'`` (a PyTorch "right" projector, as official GaLore and SN-SM) or
+      ``'out'`` (a "left" one, as official LDAdam).
   """
 
   name: ClassVar[str]
   reads_gradient: ClassVar[bool] = True
+  side: str = dataclasses.field(default='smaller', kw_only=True)
+  square_side: str = dataclasses.field(default='in', kw_only=True)
 
-  @abc.abstractmethod
+  def __post_init__(self):
+    if self.side not in SIDES:
+      raise ValueError(f'side must be one of {SIDES}, got {self.side!r}.')
+    if self.square_side not in ('in', 'out'):
+      raise ValueError(f"square_side must be 'in' or 'out', got {self.square_side!r}.")
+
   def axis(self, in_size: int, out_size: int) -> int:
     """The projected axis of the ``(…, in, out)`` view: -2 (in) or -1 (out)."""
+    if self.side in ('in', 'out'):
+      side = self.side
+    elif in_size == out_size:
+      side = self.square_side
+    else:
+      in_is_smaller = in_size < out_size
+      side = 'in' if in_is_smaller == (self.side == 'smaller') else 'out'
+    return -2 if side == 'in' else -1
 
   def max_rank(self, in_size: int, out_size: int) -> int:
     """The largest rank this projector can give a matrix of this shape."""
@@ -120,6 +146,17 @@ class Projector(abc.ABC):
   @abc.abstractmethod
   def compute(self, g_a: jax.Array, rank: int, key: jax.Array) -> jax.Array:
     """A fresh state from a gathered float32 ``G_a`` of shape (…, size, c)."""
+
+  def compute_from(
+    self, g_a: jax.Array, previous: jax.Array, rank: int, key: jax.Array
+  ) -> jax.Array:
+    """A new state from ``G_a`` and the ``previous`` state (as stored).
+
+    Projectors that warm-start from their last basis (power iteration)
+    override this; the others start afresh with ``compute``.
+    """
+    del previous
+    return self.compute(g_a, rank, key)
 
   @abc.abstractmethod
   def basis(
@@ -143,7 +180,7 @@ class Projector(abc.ABC):
     """
     spec = sharding.spec_of(g_a)
     g_a = sharding.reshard(g_a, (*spec[:-2], None, None)).astype(jnp.float32)
-    fresh = self.compute(g_a, rank, key)
+    fresh = self.compute_from(g_a, state, rank, key)
     if self.reads_gradient:
       shape = (*g_a.shape[:-1], rank)
       basis = self.basis(fresh, shape, jnp.float32)
@@ -153,15 +190,12 @@ class Projector(abc.ABC):
       ok = jnp.expand_dims(ok, tuple(range(ok.ndim, fresh.ndim)))
       old = sharding.reshard(state, sharding.spec_of(fresh))
       fresh = jnp.where(ok, fresh, old.astype(fresh.dtype))
-    return sharding.reshard_like(fresh.astype(state.dtype), state)
+    return sharding.cast_like(fresh, state)
 
 
 @dataclasses.dataclass(frozen=True)
 class _DenseProjector(Projector):
   """A projector that stores its orthonormal basis."""
-
-  def axis(self, in_size: int, out_size: int) -> int:
-    return -2 if out_size >= in_size else -1
 
   def state_shape(self, batch_shape, size, rank):
     return (*batch_shape, size, rank), None
@@ -180,7 +214,8 @@ class SVDProjector(_DenseProjector):
 
   The basis spans the smaller axis, as in the official code: for a PyTorch
   weight ``(out, in)`` with ``out >= in`` (also square) the first ``r`` rows of
-  ``V^T`` (a "right" projector), otherwise the first ``r`` columns of ``U``.
+  ``V^T`` (a "right" projector), otherwise the first ``r`` columns of ``U``
+  (``square_side='out'`` gives square matrices a "left" one, as LDAdam).
   Signs are canonicalised (``canonicalize_signs``).
   """
 
@@ -190,6 +225,31 @@ class SVDProjector(_DenseProjector):
     del key
     u, _, _ = jnp.linalg.svd(g_a, full_matrices=False)
     return canonicalize_signs(u[..., :rank])
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerIterationProjector(SVDProjector):
+  """One warm-started block power iteration per refresh (official LDAdam).
+
+  From the previous basis :math:`B_{old}` the new one is the (sign-canonical)
+  thin QR of :math:`G_a G_a^\\top B_{old}`: one step of subspace iteration
+  towards the top-``r`` singular vectors, two matmuls and a QR instead of an
+  SVD. Refreshed every step, it tracks a slowly moving subspace. A refresh
+  from the all-zero initial state is an exact SVD (``SVDProjector``).
+  """
+
+  name: ClassVar[str] = 'power_iteration'
+
+  def compute_from(self, g_a, previous, rank, key):
+    spec = sharding.spec_of(g_a)
+    previous = sharding.reshard(previous, (*spec[:-2], None, None)).astype(g_a.dtype)
+
+    def iterate():
+      sketch = jnp.swapaxes(g_a, -1, -2) @ previous
+      q, _ = jnp.linalg.qr(g_a @ sketch)
+      return canonicalize_signs(q)
+
+    return jax.lax.cond(jnp.any(previous != 0), iterate, lambda: self.compute(g_a, rank, key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,9 +306,6 @@ class RandomProjector(Projector):
   name: ClassVar[str] = 'random'
   reads_gradient: ClassVar[bool] = False
 
-  def axis(self, in_size: int, out_size: int) -> int:
-    return -2 if out_size >= in_size else -1
-
   def state_shape(self, batch_shape, size, rank):
     del batch_shape, size, rank
     return (2,), jnp.uint32
@@ -277,11 +334,11 @@ class _CoordinateProjector(Projector):
   SGD through the orthogonal complement.
   """
 
-  def axis(self, in_size: int, out_size: int) -> int:
-    return -1 if out_size >= in_size else -2
+  side: str = dataclasses.field(default='larger', kw_only=True)
+  square_side: str = dataclasses.field(default='out', kw_only=True)
 
   def max_rank(self, in_size: int, out_size: int) -> int:
-    return max(in_size, out_size)
+    return in_size if self.axis(in_size, out_size) == -2 else out_size
 
   def state_shape(self, batch_shape, size, rank):
     del size
@@ -327,6 +384,7 @@ PROJECTORS: dict[str, type[Projector]] = {
   cls.name: cls
   for cls in (
     SVDProjector,
+    PowerIterationProjector,
     RandomizedSVDProjector,
     RandomProjector,
     UniformProjector,

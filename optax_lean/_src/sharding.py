@@ -92,6 +92,11 @@ def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
   return reshard(x, spec_of(like))
 
 
+def cast_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` in ``like``'s dtype and explicit sharding: how states are stored back."""
+  return reshard_like(x.astype(like.dtype), like)
+
+
 def einsum(
   subscripts: str,
   *operands: jax.Array,

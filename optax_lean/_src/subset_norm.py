@@ -280,8 +280,8 @@ def scale_by_subset_norm(
       if bias_correction:
         denominator = denominator / jnp.sqrt(1 - decay ** count_inc.astype(dtype))
       out = rule.divide(num.astype(dtype), denominator, layout)
-      outputs.append(sharding.reshard_like(out.astype(num.dtype), num))
-      new_nus.append(sharding.reshard_like(new_nu.astype(nu.dtype), nu))
+      outputs.append(sharding.cast_like(out, num))
+      new_nus.append(sharding.cast_like(new_nu, nu))
     return jax.tree.unflatten(treedef, outputs), ScaleBySubsetNormState(
       count=count_inc, nu=jax.tree.unflatten(treedef, new_nus)
     )

@@ -8,8 +8,6 @@ ICML 2025; official code https://github.com/timmytonga/sn-sm
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from typing import NamedTuple
 
 import chex
@@ -20,12 +18,8 @@ from optax import tree as otu
 
 from optax_lean._src import checks, sharding
 from optax_lean._src import projectors as proj_lib
-from optax_lean._src.dimension_numbers import (
-  DimensionNumbersOrFn,
-  MaskOrFn,
-  MatrixLayout,
-  resolve_layouts,
-)
+from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
+from optax_lean._src.subspace import plan_subspaces, refresh_due
 
 MOMENTUM_ON_REFRESH = ('official', 'reset', 'keep', 'rotate')
 
@@ -45,76 +39,6 @@ class ScaleBySubspaceMomentumState(NamedTuple):
   count: chex.Array
   mu: optax.Updates
   projector: optax.Updates
-
-
-@dataclasses.dataclass(frozen=True)
-class SubspacePlan:
-  """Where a leaf's subspace sits: its layout, projected axis and rank."""
-
-  layout: MatrixLayout
-  axis: int
-  rank: int
-
-  @classmethod
-  def resolve(cls, layout: MatrixLayout, projector: proj_lib.Projector, rank: int) -> SubspacePlan:
-    n_in, n_out = layout.in_size, layout.out_size
-    return cls(
-      layout,
-      projector.axis(n_in, n_out),
-      min(rank, projector.max_rank(n_in, n_out)),
-    )
-
-  @property
-  def size(self) -> int:
-    """Length of the projected axis."""
-    return self.layout.matrix_shape[self.axis]
-
-  @property
-  def basis_shape(self) -> tuple[int, ...]:
-    return (*self.layout.batch_shape, self.size, self.rank)
-
-  def momentum_shape(self) -> tuple[int, ...]:
-    shape = list(self.layout.matrix_shape)
-    shape[self.axis] = self.rank
-    return tuple(shape)
-
-  def momentum_spec(self, matrix_spec: tuple) -> tuple:
-    spec = list(matrix_spec)
-    spec[self.axis] = None
-    return tuple(spec)
-
-
-def plan_subspaces(
-  tree,
-  projector: proj_lib.Projector,
-  rank: int,
-  mask: MaskOrFn | None,
-  dimension_numbers: DimensionNumbersOrFn | None,
-  *,
-  warn: bool = False,
-) -> list[SubspacePlan | None]:
-  """The subspace plan of each leaf of ``tree`` (``None``: no subspace).
-
-  A rank larger than a matrix allows is clipped, as the official code's
-  reduced SVD does, with a ``UserWarning`` when ``warn`` is set.
-  """
-  plans = []
-  for layout in resolve_layouts(tree, mask, dimension_numbers):
-    plan = None if layout is None else SubspacePlan.resolve(layout, projector, rank)
-    if warn and plan is not None and plan.rank < rank:
-      warnings.warn(
-        f'rank {rank} exceeds what the {projector.name!r} projector allows '
-        f'for a leaf of shape {layout.shape}; using rank {plan.rank}.',
-        UserWarning,
-        stacklevel=3,
-      )
-    plans.append(plan)
-  return plans
-
-
-def refresh_due(count_inc: chex.Array, update_proj_gap: int) -> chex.Array:
-  """The official schedule: refresh at step 1 and whenever ``t % gap == 0``."""
-  return (count_inc == 1) | (count_inc % update_proj_gap == 0)
 
 
 def _empty_momentum() -> optax.GradientTransformationExtraArgs:
@@ -228,13 +152,8 @@ def scale_by_subspace_momentum(
         mus.append(otu.zeros_like(p, dtype=dtype))
         projs.append(None)
         continue
-      spec = tuple(plan.layout.matrix_spec(sharding.spec_of(p)))
-      mus.append(sharding.zeros(plan.momentum_shape(), dtype, p, plan.momentum_spec(spec)))
-      shape, state_dtype = projector.state_shape(plan.layout.batch_shape, plan.size, plan.rank)
-      if state_dtype is None:
-        state_dtype = p.dtype if projector_dtype is None else projector_dtype
-      proj_spec = projector.state_spec(spec[:-2], spec[plan.axis])
-      projs.append(sharding.zeros(shape, state_dtype, p, proj_spec))
+      mus.append(plan.lowrank_zeros(p, dtype))
+      projs.append(plan.projector_zeros(p, projector_dtype))
     return ScaleBySubspaceMomentumState(
       count=jnp.zeros([], jnp.int32),
       mu=jax.tree.unflatten(treedef, mus),
@@ -243,22 +162,18 @@ def scale_by_subspace_momentum(
 
   def update_matrix(g, mu, proj_state, plan, leaf_index, count_inc):
     dtype = sharding.compute_dtype(g.dtype, mu.dtype)
-    g_a = proj_lib.to_projected_rows(plan.layout.to_matrix(g), plan.axis)
-    mu_a = proj_lib.to_projected_rows(mu, plan.axis)
-    g_spec = sharding.spec_of(g_a)
-
-    def basis_of(state, basis_dtype):
-      basis = projector.basis(state, plan.basis_shape, basis_dtype)
-      return sharding.reshard(basis, (*g_spec[:-2], g_spec[-2], None))
+    g_a = plan.rows(g)
+    mu_a = plan.lowrank_rows(mu)
 
     def on_refresh(operands):
       mu_a, old = operands
-      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf_index), count_inc)
-      new = projector.refresh(g_a, old, plan.rank, key)
+      new = plan.refresh(g_a, old, seed, leaf_index, count_inc)
       if momentum_on_refresh == 'reset':
         mu_a = jnp.zeros_like(mu_a)
       elif momentum_on_refresh == 'rotate':
-        rotation = proj_lib.change_of_basis(basis_of(new, dtype), basis_of(old, dtype), dtype)
+        rotation = proj_lib.change_of_basis(
+          plan.basis(new, g_a, dtype), plan.basis(old, g_a, dtype), dtype
+        )
         mu_a = sharding.einsum(
           '...rs,...sc->...rc',
           rotation,
@@ -268,12 +183,12 @@ def scale_by_subspace_momentum(
       return mu_a, new
 
     mu_a, proj_state = jax.lax.cond(
-      refresh_due(count_inc, update_proj_gap),
+      refresh_due(count_inc - 1, update_proj_gap, offset=1),
       on_refresh,
       lambda operands: operands,
       (mu_a, proj_state),
     )
-    basis = basis_of(proj_state, g.dtype)
+    basis = plan.basis(proj_state, g_a, g.dtype)
     projected = proj_lib.project(g_a, basis, dtype)
     decay = jnp.asarray(b1, dtype)
     momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
@@ -283,9 +198,7 @@ def scale_by_subspace_momentum(
     if momentum_on_refresh == 'official':
       reset = (count_inc > 1) & (count_inc % update_proj_gap == 0)
       momentum = jnp.where(reset, jnp.zeros_like(momentum), momentum)
-    numerator = plan.layout.from_matrix(proj_lib.to_projected_rows(numerator, plan.axis))
-    new_mu = proj_lib.to_projected_rows(momentum, plan.axis)
-    return numerator, new_mu, proj_state
+    return plan.unrows(numerator), plan.lowrank_rows(momentum), proj_state
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -305,8 +218,8 @@ def scale_by_subspace_momentum(
       if bias_correction:
         decay = jnp.asarray(b1, numerator.dtype)
         numerator = numerator / (1 - decay ** count_inc.astype(numerator.dtype))
-      outputs.append(sharding.reshard_like(numerator.astype(g.dtype), g))
-      new_mus.append(sharding.reshard_like(new_mu.astype(mu.dtype), mu))
+      outputs.append(sharding.cast_like(numerator, g))
+      new_mus.append(sharding.cast_like(new_mu, mu))
       new_projs.append(proj_state)
     return jax.tree.unflatten(treedef, outputs), ScaleBySubspaceMomentumState(
       count=count_inc,

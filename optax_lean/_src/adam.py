@@ -1,0 +1,65 @@
+"""One Adam step in either of the two flavours the official codes use.
+
+Hugging Face's AdamW (GaLore, SN-SM, OSD) adds ``eps`` to the root of the
+*uncorrected* second moment and folds both bias corrections into the step
+size; PyTorch's and optax's Adam (LDAdam, RSO's inner solver) add ``eps`` to the
+root of the corrected one:
+
+.. math::
+  d_\\text{hf} = \\frac{\\sqrt{1-\\beta_2^t}}{1-\\beta_1^t}
+    \\frac{m_t}{\\sqrt{v_t} + \\epsilon}, \\qquad
+  d_\\text{torch} = \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v_t / (1-\\beta_2^t)} + \\epsilon}.
+
+The helper works on moments of any shape (full, low-rank, a projector's), so
+every optimizer of the family shares one implementation of Adam.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from optax_lean._src import sharding
+
+FLAVOURS = ('hf', 'torch')
+
+
+def adam_step(
+  g: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  count_inc: chex.Array,
+  b1: chex.Numeric,
+  b2: chex.Numeric,
+  eps: chex.Numeric,
+  flavour: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Updates the moments with ``g`` and returns ``(direction, mu, nu)``.
+
+  Args:
+    g: The gradient (or its projection), in any float dtype.
+    mu: First moment, of ``g``'s shape, in any float dtype.
+    nu: Second moment, likewise.
+    count_inc: The 1-based step ``t`` of the bias corrections.
+    b1: First-moment decay.
+    b2: Second-moment decay.
+    eps: The denominator's offset.
+    flavour: ``'hf'`` or ``'torch'`` (see the module docstring).
+
+  Returns:
+    The bias-corrected direction and the new moments, in float32 (float64 if
+    any input is): the caller casts them back to their storage dtypes.
+  """
+  dtype = sharding.compute_dtype(g.dtype, mu.dtype, nu.dtype)
+  g = g.astype(dtype)
+  b1, b2, eps = (jnp.asarray(x, dtype) for x in (b1, b2, eps))
+  mu = b1 * mu.astype(dtype) + (1 - b1) * g
+  nu = b2 * nu.astype(dtype) + (1 - b2) * jnp.square(g)
+  t = count_inc.astype(dtype)
+  correction1, correction2 = 1 - b1**t, 1 - b2**t
+  if flavour == 'hf':
+    direction = jnp.sqrt(correction2) / correction1 * (mu / (jnp.sqrt(nu) + eps))
+  else:
+    direction = (mu / correction1) / (jnp.sqrt(nu / correction2) + eps)
+  return direction, mu, nu

@@ -1,0 +1,151 @@
+"""Where each leaf's subspace sits, and the per-leaf operations every method shares.
+
+Subspace-Momentum, GaLore, LDAdam, Online Subspace Descent and the random
+subspace method all keep some state for a rank-``r`` subspace of one axis of
+each selected matrix. A ``SubspacePlan`` resolves, once per leaf and at trace
+time, the leaf's layout, the projector, the projected axis and the (clipped)
+rank, and provides the operations they all need: low-rank and projector states
+created with the right shardings, the move between a leaf and its
+"projected-rows" view ``G_a`` (the projected axis first among the matrix
+axes), the dense basis, and a keyed refresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import chex
+import jax
+
+from optax_lean._src import projectors as proj_lib
+from optax_lean._src import sharding
+from optax_lean._src.dimension_numbers import (
+  DimensionNumbersOrFn,
+  MaskOrFn,
+  MatrixLayout,
+  resolve_layouts,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspacePlan:
+  """Where a leaf's subspace sits: its layout, projector, projected axis and rank."""
+
+  layout: MatrixLayout
+  projector: proj_lib.Projector
+  axis: int
+  rank: int
+
+  @classmethod
+  def resolve(cls, layout: MatrixLayout, projector: proj_lib.Projector, rank: int) -> SubspacePlan:
+    n_in, n_out = layout.in_size, layout.out_size
+    return cls(
+      layout,
+      projector,
+      projector.axis(n_in, n_out),
+      min(rank, projector.max_rank(n_in, n_out)),
+    )
+
+  @property
+  def size(self) -> int:
+    """Length of the projected axis."""
+    return self.layout.matrix_shape[self.axis]
+
+  @property
+  def basis_shape(self) -> tuple[int, ...]:
+    return (*self.layout.batch_shape, self.size, self.rank)
+
+  def lowrank_shape(self) -> tuple[int, ...]:
+    """The ``(…, in, out)`` view with the projected axis shrunk to the rank."""
+    shape = list(self.layout.matrix_shape)
+    shape[self.axis] = self.rank
+    return tuple(shape)
+
+  def _matrix_spec(self, like: jax.Array) -> tuple:
+    return tuple(self.layout.matrix_spec(sharding.spec_of(like)))
+
+  def lowrank_zeros(self, like: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
+    """A zero low-rank state for the leaf ``like``, sharded along its full axis."""
+    spec = list(self._matrix_spec(like))
+    spec[self.axis] = None
+    return sharding.zeros(self.lowrank_shape(), dtype, like, tuple(spec))
+
+  def projector_zeros(
+    self, like: jax.Array, dtype: jax.typing.DTypeLike | None = None
+  ) -> jax.Array:
+    """A zero projector state (or one shaped like it, e.g. its optimizer's moments).
+
+    ``dtype`` defaults to ``like``'s; projectors that store integers or keys
+    keep their own dtype.
+    """
+    shape, state_dtype = self.projector.state_shape(self.layout.batch_shape, self.size, self.rank)
+    if state_dtype is None:
+      state_dtype = like.dtype if dtype is None else dtype
+    spec = self._matrix_spec(like)
+    state_spec = self.projector.state_spec(spec[:-2], spec[self.axis])
+    return sharding.zeros(shape, state_dtype, like, state_spec)
+
+  def rows(self, g: jax.Array) -> jax.Array:
+    """The leaf ``g`` as ``G_a``: ``(…, size, c)`` with the projected axis first."""
+    return proj_lib.to_projected_rows(self.layout.to_matrix(g), self.axis)
+
+  def unrows(self, g_a: jax.Array) -> jax.Array:
+    """The inverse of ``rows``: back to the leaf's own shape."""
+    return self.layout.from_matrix(proj_lib.to_projected_rows(g_a, self.axis))
+
+  def lowrank_rows(self, x: jax.Array) -> jax.Array:
+    """A low-rank state in (or back from) the projected-rows view ``(…, r, c)``."""
+    return proj_lib.to_projected_rows(x, self.axis)
+
+  def basis(self, state: jax.Array, like_a: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
+    """The dense basis ``(…, size, r)``, sharded like the rows of ``like_a``."""
+    spec = sharding.spec_of(like_a)
+    basis = self.projector.basis(state, self.basis_shape, dtype)
+    return sharding.reshard(basis, (*spec[:-2], spec[-2], None))
+
+  def refresh(
+    self, g_a: jax.Array, state: jax.Array, seed: int, leaf_index: int, count: chex.Array
+  ) -> jax.Array:
+    """The projector's new state from ``G_a``, with a key unique to leaf and step."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf_index), count)
+    return self.projector.refresh(g_a, state, self.rank, key)
+
+
+def plan_subspaces(
+  tree,
+  projector: proj_lib.Projector,
+  rank: int,
+  mask: MaskOrFn | None,
+  dimension_numbers: DimensionNumbersOrFn | None,
+  *,
+  warn: bool = False,
+) -> list[SubspacePlan | None]:
+  """The subspace plan of each leaf of ``tree`` (``None``: no subspace).
+
+  A rank larger than a matrix allows is clipped, as the official code's
+  reduced SVD does, with a ``UserWarning`` when ``warn`` is set.
+  """
+  plans = []
+  for layout in resolve_layouts(tree, mask, dimension_numbers):
+    plan = None if layout is None else SubspacePlan.resolve(layout, projector, rank)
+    if warn and plan is not None and plan.rank < rank:
+      warnings.warn(
+        f'rank {rank} exceeds what the {projector.name!r} projector allows '
+        f'for a leaf of shape {layout.shape}; using rank {plan.rank}.',
+        UserWarning,
+        stacklevel=3,
+      )
+    plans.append(plan)
+  return plans
+
+
+def refresh_due(count: chex.Array, update_proj_gap: int, *, offset: int = 0) -> chex.Array:
+  """Whether the projector refreshes at the step with 0-based ``count``.
+
+  At the first step, and whenever ``(count + offset) % update_proj_gap == 0``.
+  ``offset=0`` is GaLore's schedule (0-based steps 0, T, 2T, ...: the
+  projector sees the counter before its increment); ``offset=1`` is SN-SM's
+  (1-based steps 1, T, 2T, ...: the counter after its increment).
+  """
+  return (count == 0) | ((count + offset) % update_proj_gap == 0)
