@@ -24,6 +24,7 @@ from examples.llama import rso
 class Hyperparameters:
   """What the command line can set, shared by all optimizers."""
 
+  peak_learning_rate: float = 1e-3  # the schedule's peak (OSD scales its projector step by it)
   weight_decay: float = 0.0
   rank: int = 32
   update_proj_gap: int = 100
@@ -41,6 +42,21 @@ def linear_kernels(params: Any) -> Any:
   """
   return jax.tree_util.tree_map_with_path(
     lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params
+  )
+
+
+def attn_mlp_kernels(params: Any) -> Any:
+  """The GaLore-family leaves: kernels under ``attn`` or ``mlp`` (not the output head).
+
+  The official GaLore, LDAdam and Online Subspace Descent scripts project only
+  the attention and MLP linear layers.
+  """
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: (
+      getattr(path[-1], 'key', None) == 'kernel'
+      and any(getattr(k, 'key', None) in ('attn', 'mlp') for k in path)
+    ),
+    params,
   )
 
 
@@ -95,6 +111,52 @@ REGISTRY: dict[str, OptimizerSpec] = {
     trains_factors=True,
     description='RSO on the model side: Adam on a random rank-r factor of each linear layer, '
     'merged every update_proj_gap steps (activation memory drops too)',
+  ),
+  'galore': OptimizerSpec(
+    lambda lr, h: optax_lean.galore(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      projector=h.projector,
+      mask=attn_mlp_kernels,
+    ),
+    1e-2,
+    low_rank=True,
+    description='GaLore: Adam inside an SVD subspace, scale 0.25 (official GaLoreAdamW)',
+  ),
+  'ldadam': OptimizerSpec(
+    lambda lr, h: optax_lean.ldadam(
+      lr, weight_decay=h.weight_decay, rank=h.rank, mask=attn_mlp_kernels
+    ),
+    3e-3,
+    low_rank=True,
+    description='LDAdam: projection-aware moments, power iteration every step, error feedback',
+  ),
+  'online_subspace_descent': OptimizerSpec(
+    lambda lr, h: optax_lean.online_subspace_descent(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      mask=attn_mlp_kernels,
+      base_learning_rate=h.peak_learning_rate,
+    ),
+    1e-2,
+    low_rank=True,
+    description='Online Subspace Descent: GaLore with a projector learned by online PCA',
+  ),
+  'rso': OptimizerSpec(
+    lambda lr, h: optax_lean.rso(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      mask=linear_kernels,
+    ),
+    3e-3,
+    low_rank=True,
+    description='RSO as a transformation: Adam in a random subspace, reset every gap steps',
   ),
   'rmsprop_sn': OptimizerSpec(
     lambda lr, h: optax_lean.rmsprop_sn(

@@ -148,6 +148,7 @@ def make_optimizer(
   schedule = learning_rate_schedule(cfg, peak)
   subset = cfg.subset_size if cfg.subset_size == 'heuristic' else int(cfg.subset_size)
   hparams = optimizers.Hyperparameters(
+    peak_learning_rate=peak,
     weight_decay=cfg.weight_decay,
     rank=cfg.rank or max(1, get_config(cfg.model).dim // 4),
     update_proj_gap=cfg.update_proj_gap,
