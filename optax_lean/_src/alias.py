@@ -199,6 +199,8 @@ def adamsn(
     >>> import jax.numpy as jnp, optax_lean
     >>> tx = optax_lean.adamsn(3e-2)
     >>> state = tx.init({'w': jnp.ones((8, 4))})
+    >>> state[0].denominator.nu['w'].shape  # one per input unit, not 8 x 4
+    (8, 1)
 
   References:
     Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and
@@ -261,6 +263,8 @@ def rmsprop_sn(
     >>> import jax.numpy as jnp, optax_lean
     >>> tx = optax_lean.rmsprop_sn(1e-2)
     >>> state = tx.init({'w': jnp.ones((8, 4))})
+    >>> state[0].nu['w'].shape
+    (8, 1)
 
   References:
     Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and
@@ -320,6 +324,8 @@ def adagrad_sn(
     >>> import jax.numpy as jnp, optax_lean
     >>> tx = optax_lean.adagrad_sn(0.1)
     >>> state = tx.init({'w': jnp.ones((8, 4))})
+    >>> state[0].numerator.ema['w'].shape, state[0].denominator.nu['w'].shape
+    ((8, 4), (8, 1))
 
   References:
     Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and
@@ -395,6 +401,8 @@ def adagrad_snsm(
     >>> import jax.numpy as jnp, optax_lean
     >>> tx = optax_lean.adagrad_snsm(1.0, rank=2, update_proj_gap=10)
     >>> state = tx.init({'w': jnp.ones((8, 4))})
+    >>> state[0].numerator.mu['w'].shape, state[0].denominator.nu['w'].shape
+    ((8, 2), (8, 1))
 
   References:
     Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and
@@ -471,6 +479,8 @@ def sgd_sm(
     >>> import jax.numpy as jnp, optax_lean
     >>> tx = optax_lean.sgd_sm(0.1, rank=2, update_proj_gap=10)
     >>> state = tx.init({'w': jnp.ones((8, 4))})
+    >>> state[0].mu['w'].shape, state[0].projector['w'].shape  # rank 2 of 4
+    ((8, 2), (4, 2))
 
   References:
     Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and

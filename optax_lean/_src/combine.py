@@ -13,7 +13,14 @@ from optax_lean._src import checks
 
 
 class ScaleByRatioState(NamedTuple):
-  """State of ``scale_by_ratio``: the states of its two transformations."""
+  """State of ``scale_by_ratio``: the states of its two transformations.
+
+  Attributes:
+    numerator: The state of the numerator transformation (e.g. a
+      ``ScaleBySubspaceMomentumState``).
+    denominator: The state of the normalizing transformation (e.g. a
+      ``ScaleBySubsetNormState``).
+  """
 
   numerator: optax.OptState
   denominator: optax.OptState
@@ -55,6 +62,15 @@ def scale_by_ratio(
     ...     optax.ema(0.9, debias=True),
     ...     optax_lean.scale_by_subset_norm(0.999, bias_correction=True))
     >>> state = adam_sn.init({'w': jnp.ones((4, 3))})
+    >>> g = {'w': jnp.ones((4, 3))}
+    >>> updates, state = adam_sn.update(g, state)
+    >>> print(updates['w'][0].round(4))  # 1 / sqrt(3): subsets of 3 entries
+    [0.5773 0.5773 0.5773]
+
+  References:
+    Nguyen & Nguyen, `Lean and Mean Adaptive Optimization via Subset-Norm and
+    Subspace-Momentum with Convergence Guarantees
+    <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
   numerator = optax.with_extra_args_support(numerator)
 
@@ -72,7 +88,12 @@ def scale_by_ratio(
 
 
 class AddDecayedWeightsAfterUpdateState(NamedTuple):
-  """State of ``add_decayed_weights_after_update``."""
+  """State of ``add_decayed_weights_after_update``.
+
+  Attributes:
+    count: Number of updates so far (``shape=(), dtype=int32``), the step at
+      which the learning-rate schedule is read.
+  """
 
   count: chex.Array  # shape=(), dtype=jnp.int32
 
@@ -106,10 +127,18 @@ def add_decayed_weights_after_update(
     An ``optax.GradientTransformation``; its ``update`` needs ``params``.
 
   Examples:
-    >>> import optax, optax_lean
-    >>> tx = optax.chain(optax.scale_by_adam(),
-    ...                  optax.scale_by_learning_rate(1e-3),
-    ...                  optax_lean.add_decayed_weights_after_update(1e-3, 0.1))
+    >>> import jax.numpy as jnp, optax, optax_lean
+    >>> tx = optax.chain(optax.scale_by_learning_rate(0.1),
+    ...                  optax_lean.add_decayed_weights_after_update(0.1, 0.5))
+    >>> params = jnp.array([1.0, 2.0])
+    >>> updates, _ = tx.update(jnp.ones(2), tx.init(params), params)
+    >>> new_params = optax.apply_updates(params, updates)  # (p - 0.1) * 0.95
+    >>> print([f'{p:.3f}' for p in new_params])
+    ['0.855', '1.805']
+
+  References:
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019
   """
 
   def init_fn(params):

@@ -28,15 +28,24 @@ class DimensionNumbers(NamedTuple):
   All axes named in neither field are batch axes: the leaf is read as a stack
   of independent matrices, as ``optax.contrib.MuonDimensionNumbers`` does.
 
+  A Flax kernel ``(in, out)`` is ``DimensionNumbers(0, 1)``; scanned layers
+  ``(layers, in, out)`` are ``DimensionNumbers(1, 2)``; both are the default
+  ``DimensionNumbers()`` (the last two axes, leading axes batch). An
+  attention kernel ``(embed, heads, head_dim)`` is
+  ``DimensionNumbers(0, (1, 2))``: its output side is ``heads * head_dim``.
+
   Attributes:
     reduction_axis: Axis or axes contracted with the layer's input (``in``).
     output_axis: Axis or axes of the layer's output (``out``).
 
   Examples:
-    A Flax kernel ``(in, out)`` is ``DimensionNumbers(0, 1)`` (the default);
-    scanned layers ``(layers, in, out)`` are ``DimensionNumbers(1, 2)``; an
-    attention kernel ``(embed, heads, head_dim)`` is
-    ``DimensionNumbers(0, (1, 2))``.
+    >>> import jax.numpy as jnp, optax_lean
+    >>> params = {'qkv': jnp.ones((16, 4, 8))}  # (embed, heads, head_dim)
+    >>> tx = optax_lean.scale_by_subset_norm(
+    ...     mask={'qkv': True},
+    ...     dimension_numbers=optax_lean.DimensionNumbers(0, (1, 2)))
+    >>> tx.init(params).nu['qkv'].shape  # one subset per output unit
+    (1, 32)
   """
 
   reduction_axis: Axes = -2
@@ -161,11 +170,25 @@ class MatrixLayout:
 
 
 def default_mask(params: Any) -> Any:
-  """The default choice of leaves for the special (SN/SM) rule.
+  """The default choice of leaves for the special (SN/SM, subspace) rule.
 
   Every 2-D leaf whose path does not contain ``embed`` (case-insensitive), as
   in the official code, which gives all ``nn.Linear`` weights (the output head
-  included) the special rule and embeddings and norms the plain one.
+  included) the special rule and embeddings and norms the plain one. Stacked
+  (scanned) kernels have 3 axes, so they need an explicit ``mask``.
+
+  Args:
+    params: A pytree of arrays or ``jax.ShapeDtypeStruct``.
+
+  Returns:
+    A pytree of bools with the structure of ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_lean
+    >>> optax_lean.default_mask({
+    ...     'embed': jnp.zeros((10, 4)),
+    ...     'dense': {'kernel': jnp.zeros((4, 4)), 'bias': jnp.zeros(4)}})
+    {'dense': {'bias': False, 'kernel': True}, 'embed': False}
   """
 
   def select(path, leaf):

@@ -35,7 +35,22 @@ def state_bytes(state: Any) -> int:
 
 
 def state_bytes_by_leaf(state: Any) -> dict[str, int]:
-  """Bytes of each leaf of ``state``, keyed by its path (``jax.tree_util.keystr``)."""
+  """Bytes of each leaf of ``state``, keyed by its path.
+
+  Args:
+    state: An optimizer state, or its ``jax.eval_shape``.
+
+  Returns:
+    A dict from each leaf's path (``jax.tree_util.keystr``) to its bytes, in
+    leaf order.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_lean
+    >>> params = {'w': jnp.zeros((512, 256))}
+    >>> state = jax.eval_shape(optax_lean.rmsprop_sn(1e-2).init, params)
+    >>> optax_lean.state_bytes_by_leaf(state)
+    {'[0].count': 4, "[0].nu['w']": 2048, '[2].count': 4}
+  """
   return {
     jax.tree_util.keystr(path): _nbytes(leaf)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
@@ -49,8 +64,18 @@ def state_bytes_by_kind(state: Any) -> dict[str, int]:
   ``mu`` (first moment / momentum), ``nu`` (second moment), ``projector``,
   ``count``, and so on for any optax state.
 
+  Args:
+    state: An optimizer state, or its ``jax.eval_shape``.
+
   Returns:
     A dict from field name to bytes, largest first.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_lean
+    >>> params = {'w': jnp.zeros((512, 256))}
+    >>> tx = optax_lean.adamsnsm(1e-2, rank=32)
+    >>> optax_lean.state_bytes_by_kind(jax.eval_shape(tx.init, params))
+    {'mu': 65536, 'projector': 32768, 'nu': 2048, 'count': 12}
   """
   totals: dict[str, int] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:

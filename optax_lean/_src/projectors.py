@@ -105,6 +105,14 @@ class Projector(abc.ABC):
     square_side: For ``'smaller'``/``'larger'``, the axis of a square matrix:
       ``'in'`` (a PyTorch "right" projector, as official GaLore and SN-SM) or
       ``'out'`` (a "left" one, as official LDAdam).
+
+  Examples:
+    >>> import optax_lean
+    >>> svd = optax_lean.SVDProjector()  # the smaller axis
+    >>> svd.axis(in_size=64, out_size=256), svd.max_rank(64, 256)  # -2: in
+    (-2, 64)
+    >>> optax_lean.TopKProjector().axis(64, 256)  # the larger axis: out
+    -1
   """
 
   name: ClassVar[str]
@@ -216,7 +224,20 @@ class SVDProjector(_DenseProjector):
   weight ``(out, in)`` with ``out >= in`` (also square) the first ``r`` rows of
   ``V^T`` (a "right" projector), otherwise the first ``r`` columns of ``U``
   (``square_side='out'`` gives square matrices a "left" one, as LDAdam).
-  Signs are canonicalised (``canonicalize_signs``).
+  Signs are canonicalised: each basis vector's largest entry is positive.
+
+  Attributes:
+    side: Which axis of the ``(…, in, out)`` view the basis spans:
+      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'smaller'``).
+    square_side: For ``'smaller'``/``'larger'``, the axis of a square
+      matrix: ``'in'`` or ``'out'`` (default ``'in'``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_lean
+    >>> tx = optax_lean.scale_by_subspace_momentum(
+    ...     rank=2, projector=optax_lean.SVDProjector(square_side='out'))
+    >>> tx.init({'w': jnp.ones((4, 4))}).projector['w'].shape  # a dense basis
+    (4, 2)
   """
 
   name: ClassVar[str] = 'svd'
@@ -236,6 +257,21 @@ class PowerIterationProjector(SVDProjector):
   towards the top-``r`` singular vectors, two matmuls and a QR instead of an
   SVD. Refreshed every step, it tracks a slowly moving subspace. A refresh
   from the all-zero initial state is an exact SVD (``SVDProjector``).
+
+  Attributes:
+    side: Which axis of the ``(…, in, out)`` view the basis spans:
+      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'smaller'``).
+    square_side: For ``'smaller'``/``'larger'``, the axis of a square
+      matrix: ``'in'`` or ``'out'`` (default ``'in'``; ``ldadam`` uses ``'out'``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_lean
+    >>> g = jax.random.normal(jax.random.key(0), (6, 4))
+    >>> power = optax_lean.PowerIterationProjector()
+    >>> first = power.compute_from(g, jnp.zeros((6, 2)), 2, jax.random.key(1))
+    >>> later = power.compute_from(g, first, 2, jax.random.key(1))
+    >>> bool(jnp.allclose(later.T @ later, jnp.eye(2), atol=1e-5))  # orthonormal
+    True
   """
 
   name: ClassVar[str] = 'power_iteration'
@@ -265,8 +301,24 @@ class RandomizedSVDProjector(_DenseProjector):
   on TPU, where SVD is slow to compile and to run.
 
   Attributes:
+    side: Which axis of the ``(…, in, out)`` view the basis spans:
+      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'smaller'``).
+    square_side: For ``'smaller'``/``'larger'``, the axis of a square
+      matrix: ``'in'`` or ``'out'`` (default ``'in'``).
     oversample: Extra sketch columns.
     power_iterations: Subspace iterations ``Y <- G_a G_a^T Y``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_lean
+    >>> tx = optax_lean.adamsnsm(
+    ...     1e-2, rank=2, projector=optax_lean.RandomizedSVDProjector(oversample=2))
+    >>> tx.init({'w': jnp.ones((8, 16))})[0].numerator.projector['w'].shape
+    (8, 2)
+
+  References:
+    Halko, Martinsson & Tropp, `Finding structure with randomness:
+    Probabilistic algorithms for constructing approximate matrix
+    decompositions <https://arxiv.org/abs/0909.4061>`_, SIAM Review 2011
   """
 
   name: ClassVar[str] = 'randomized_svd'
@@ -301,6 +353,20 @@ class RandomProjector(Projector):
   The basis is the (sign-canonical) QR of a Gaussian matrix drawn from the key,
   regenerated at every step, so the projector costs 8 bytes per leaf instead
   of ``r * size`` numbers, at the price of one thin QR per step.
+
+  Attributes:
+    side: Which axis of the ``(…, in, out)`` view the basis spans:
+      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default
+      ``'smaller'``; ``rso`` uses ``'in'``).
+    square_side: For ``'smaller'``/``'larger'``, the axis of a square
+      matrix: ``'in'`` or ``'out'`` (default ``'in'``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_lean
+    >>> tx = optax_lean.sgd_sm(0.1, rank=2, projector=optax_lean.RandomProjector())
+    >>> key = tx.init({'w': jnp.ones((8, 16))})[0].projector['w']
+    >>> key.shape, key.dtype  # only the key data is stored
+    ((2,), dtype('uint32'))
   """
 
   name: ClassVar[str] = 'random'
@@ -354,7 +420,24 @@ class _CoordinateProjector(Projector):
 
 @dataclasses.dataclass(frozen=True)
 class UniformProjector(_CoordinateProjector):
-  """``r`` coordinates drawn uniformly without replacement (official ``uniform``)."""
+  """``r`` coordinates drawn uniformly without replacement (official ``uniform``).
+
+  Momentum is kept for ``r`` rows (or columns) of the larger axis, redrawn at
+  every refresh; the state is their ``r`` indices.
+
+  Attributes:
+    side: Which axis of the ``(…, in, out)`` view the basis spans:
+      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'larger'``).
+    square_side: For ``'smaller'``/``'larger'``, the axis of a square
+      matrix: ``'in'`` or ``'out'`` (default ``'out'``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_lean
+    >>> tx = optax_lean.sgd_sm(0.1, rank=3, projector=optax_lean.UniformProjector())
+    >>> indices = tx.init({'w': jnp.ones((8, 16))})[0].projector['w']
+    >>> indices.shape, indices.dtype  # 3 of the 16 output units
+    ((3,), dtype('int32'))
+  """
 
   name: ClassVar[str] = 'uniform'
   reads_gradient: ClassVar[bool] = False
@@ -370,7 +453,27 @@ class UniformProjector(_CoordinateProjector):
 
 @dataclasses.dataclass(frozen=True)
 class TopKProjector(_CoordinateProjector):
-  """The ``r`` coordinates of largest gradient norm (official ``topk``)."""
+  """The ``r`` coordinates of largest gradient norm (official ``topk``).
+
+  Momentum is kept for the ``r`` rows (or columns) of the larger axis whose
+  gradient had the largest norm at the last refresh; the state is their
+  indices.
+
+  Attributes:
+    side: Which axis of the ``(…, in, out)`` view the basis spans:
+      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'larger'``).
+    square_side: For ``'smaller'``/``'larger'``, the axis of a square
+      matrix: ``'in'`` or ``'out'`` (default ``'out'``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_lean
+    >>> tx = optax_lean.sgd_sm(0.1, rank=2, projector=optax_lean.TopKProjector())
+    >>> params = {'w': jnp.zeros((4, 6))}
+    >>> grads = {'w': jnp.zeros((4, 6)).at[:, 1].set(1.0).at[:, 4].set(2.0)}
+    >>> _, state = tx.update(grads, tx.init(params), params)
+    >>> sorted(state[0].projector['w'].tolist())  # the two largest columns
+    [1, 4]
+  """
 
   name: ClassVar[str] = 'topk'
 
