@@ -57,15 +57,13 @@ def fields(cls) -> list[str]:
   return [f.name for f in dataclasses.fields(cls)]
 
 
-def docstring(obj) -> str:
+def parse(obj) -> dict[str, str]:
+  """The sections of ``obj``'s docstring, after checking it has a one-line summary."""
   doc = obj.__doc__
   assert doc and doc.strip(), 'has no docstring'
-  return inspect.cleandoc(doc)
-
-
-def check_summary(doc: str) -> None:
-  summary = doc.splitlines()[0]
+  summary = inspect.cleandoc(doc).splitlines()[0]
   assert summary.endswith('.'), f'the first line is not a one-line summary: {summary!r}'
+  return sections(inspect.cleandoc(doc))
 
 
 def check_examples(found: dict[str, str]) -> None:
@@ -76,9 +74,7 @@ def check_examples(found: dict[str, str]) -> None:
 @pytest.mark.parametrize('name', [n for n in PUBLIC if not inspect.isclass(getattr(optax_lean, n))])
 def test_function_docstring(name):
   fn = getattr(optax_lean, name)
-  doc = docstring(fn)
-  check_summary(doc)
-  found = sections(doc)
+  found = parse(fn)
   assert 'Args' in found, 'has no Args: section'
   assert 'Returns' in found and found['Returns'].strip(), 'has no Returns: section'
   check_examples(found)
@@ -98,9 +94,7 @@ def test_function_docstring(name):
 @pytest.mark.parametrize('name', [n for n in PUBLIC if inspect.isclass(getattr(optax_lean, n))])
 def test_class_docstring(name):
   cls = getattr(optax_lean, name)
-  doc = docstring(cls)
-  check_summary(doc)
-  found = sections(doc)
+  found = parse(cls)
   assert 'Attributes' in found, 'has no Attributes: section'
   missing = set(fields(cls)) - documented_names(found['Attributes'])
   assert not missing, f'Attributes: does not describe {sorted(missing)}'

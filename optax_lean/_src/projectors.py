@@ -227,10 +227,8 @@ class SVDProjector(_DenseProjector):
   Signs are canonicalised: each basis vector's largest entry is positive.
 
   Attributes:
-    side: Which axis of the ``(…, in, out)`` view the basis spans:
-      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'smaller'``).
-    square_side: For ``'smaller'``/``'larger'``, the axis of a square
-      matrix: ``'in'`` or ``'out'`` (default ``'in'``).
+    side: The axis the basis spans (see ``Projector``); default ``'smaller'``.
+    square_side: The axis of a square matrix; default ``'in'``.
 
   Examples:
     >>> import jax.numpy as jnp, optax_lean
@@ -259,10 +257,8 @@ class PowerIterationProjector(SVDProjector):
   from the all-zero initial state is an exact SVD (``SVDProjector``).
 
   Attributes:
-    side: Which axis of the ``(…, in, out)`` view the basis spans:
-      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'smaller'``).
-    square_side: For ``'smaller'``/``'larger'``, the axis of a square
-      matrix: ``'in'`` or ``'out'`` (default ``'in'``; ``ldadam`` uses ``'out'``).
+    side: The axis the basis spans (see ``Projector``); default ``'smaller'``.
+    square_side: The axis of a square matrix; default ``'in'``; ``ldadam`` uses ``'out'``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_lean
@@ -301,10 +297,8 @@ class RandomizedSVDProjector(_DenseProjector):
   on TPU, where SVD is slow to compile and to run.
 
   Attributes:
-    side: Which axis of the ``(…, in, out)`` view the basis spans:
-      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'smaller'``).
-    square_side: For ``'smaller'``/``'larger'``, the axis of a square
-      matrix: ``'in'`` or ``'out'`` (default ``'in'``).
+    side: The axis the basis spans (see ``Projector``); default ``'smaller'``.
+    square_side: The axis of a square matrix; default ``'in'``.
     oversample: Extra sketch columns.
     power_iterations: Subspace iterations ``Y <- G_a G_a^T Y``.
 
@@ -355,11 +349,9 @@ class RandomProjector(Projector):
   of ``r * size`` numbers, at the price of one thin QR per step.
 
   Attributes:
-    side: Which axis of the ``(…, in, out)`` view the basis spans:
-      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default
-      ``'smaller'``; ``rso`` uses ``'in'``).
-    square_side: For ``'smaller'``/``'larger'``, the axis of a square
-      matrix: ``'in'`` or ``'out'`` (default ``'in'``).
+    side: The axis the basis spans (see ``Projector``); default
+      ``'smaller'``; ``rso`` uses ``'in'``.
+    square_side: The axis of a square matrix; default ``'in'``.
 
   Examples:
     >>> import jax.numpy as jnp, optax_lean
@@ -426,10 +418,8 @@ class UniformProjector(_CoordinateProjector):
   every refresh; the state is their ``r`` indices.
 
   Attributes:
-    side: Which axis of the ``(…, in, out)`` view the basis spans:
-      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'larger'``).
-    square_side: For ``'smaller'``/``'larger'``, the axis of a square
-      matrix: ``'in'`` or ``'out'`` (default ``'out'``).
+    side: The axis the basis spans (see ``Projector``); default ``'larger'``.
+    square_side: The axis of a square matrix; default ``'out'``.
 
   Examples:
     >>> import jax.numpy as jnp, optax_lean
@@ -460,10 +450,8 @@ class TopKProjector(_CoordinateProjector):
   indices.
 
   Attributes:
-    side: Which axis of the ``(…, in, out)`` view the basis spans:
-      ``'smaller'``, ``'larger'``, ``'in'`` or ``'out'`` (default ``'larger'``).
-    square_side: For ``'smaller'``/``'larger'``, the axis of a square
-      matrix: ``'in'`` or ``'out'`` (default ``'out'``).
+    side: The axis the basis spans (see ``Projector``); default ``'larger'``.
+    square_side: The axis of a square matrix; default ``'out'``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_lean
