@@ -70,25 +70,32 @@ def run(
   return train_lib.train(cfg)
 
 
-def sweep(base: train_lib.TrainConfig, out_dir: str) -> str:
+def sweep(base: train_lib.TrainConfig, out_dir: str) -> tuple[str, dict]:
+  """The sweep's table, and each optimizer's best run."""
   lines = [
     '| optimizer | ' + ' | '.join(f'lr #{i + 1}' for i in range(3)) + ' | best |',
     '|---|---|---|---|---|',
   ]
+  best_runs = {}
   for name, rates in SWEEP.items():
-    losses = {lr: final_loss(run(base, name, lr, f'{out_dir}/sweep/{name}-{lr:g}')) for lr in rates}
-    best = min(losses, key=losses.get)
-    cells = [f'{lr:g}: {loss:.4f}' for lr, loss in losses.items()]
+    runs = {lr: run(base, name, lr, f'{out_dir}/sweep/{name}-{lr:g}') for lr in rates}
+    best = min(runs, key=lambda lr: final_loss(runs[lr]))
+    best_runs[name] = runs[best]
+    cells = [f'{lr:g}: {final_loss(result):.4f}' for lr, result in runs.items()]
     lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {best:g} |')
-  return '\n'.join(lines)
+  return '\n'.join(lines), best_runs
 
 
-def headline(base: train_lib.TrainConfig, out_dir: str) -> str:
-  return compare.table([run(base, name, lr, f'{out_dir}/{name}') for name, lr in TUNED.items()])
+def headline(base: train_lib.TrainConfig, out_dir: str, done: dict) -> str:
+  """Every optimizer at its tuned rate (reusing runs already ``done``)."""
+  return compare.table(
+    [done.get(name) or run(base, name, lr, f'{out_dir}/{name}') for name, lr in TUNED.items()]
+  )
 
 
-def study(base: train_lib.TrainConfig, out_dir: str) -> str:
-  results = [run(base, 'adamw', TUNED['adamw'], f'{out_dir}/adamw')]
+def study(base: train_lib.TrainConfig, out_dir: str, done: dict) -> str:
+  """AdamSNSM variants at its tuned rate, against AdamW's final loss."""
+  results = [done.get('adamw') or run(base, 'adamw', TUNED['adamw'], f'{out_dir}/adamw')]
   labels = ['adamw']
   for label, overrides in STUDY.items():
     results.append(
@@ -107,14 +114,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--out', default=None, help='also write the tables to this file')
   args = parser.parse_args(argv)
   base = dataclasses.replace(BASE, steps=args.steps)
-  sections = []
+  sections, done = [], {}
   if args.sweep:
-    sections.append(sweep(base, args.out_dir))
+    table, done = sweep(base, args.out_dir)
+    sections.append(table)
     print(sections[-1], flush=True)
-  sections.append(headline(base, args.out_dir))
+  sections.append(headline(base, args.out_dir, done))
   print(sections[-1], flush=True)
   if args.study:
-    sections.append(study(base, args.out_dir))
+    sections.append(study(base, args.out_dir, done))
     print(sections[-1], flush=True)
   if args.out:
     with open(args.out, 'w') as f:
