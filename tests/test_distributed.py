@@ -74,14 +74,8 @@ def options(corpus):
 
 
 def test_two_processes_match_one(options, cli_env, tmp_path):
-  one = cli.run(
-    *cli.flags(options),
-    '--checkpoint-dir',
-    str(tmp_path / 'one'),
-    '--out-dir',
-    str(tmp_path / 'one-out'),
-    env=cli_env,
-  )
+  paths = {'checkpoint_dir': str(tmp_path / 'one'), 'out_dir': str(tmp_path / 'one-out')}
+  one = cli.run(*cli.flags({**options, **paths}), env=cli_env)
   assert one.returncode == 0, one.stderr
   two_args = [*cli.flags(options), '--checkpoint-dir', str(tmp_path / 'two')]
   first, second = run_two_processes(

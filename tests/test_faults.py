@@ -89,14 +89,8 @@ def options(corpus):
 def straight(options, cli_env, tmp_path_factory):
   """Checkpoints of an uninterrupted run, and its final verified state and record."""
   directory = tmp_path_factory.mktemp('straight')
-  out = cli.run(
-    *cli.flags(options),
-    '--checkpoint-dir',
-    str(directory / 'ckpt'),
-    '--out-dir',
-    str(directory / 'out'),
-    env=cli_env,
-  )
+  paths = {'checkpoint_dir': str(directory / 'ckpt'), 'out_dir': str(directory / 'out')}
+  out = cli.run(*cli.flags({**options, **paths}), env=cli_env)
   assert out.returncode == 0, out.stderr
   return directory / 'ckpt', cli.restore(str(directory / 'ckpt'), options)
 

@@ -183,16 +183,18 @@ def test_cli_smoke_run(corpus, tmp_path, cli_env):
   assert 'final val loss' in out.stdout
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize('bad_step', [5, 6], ids=['between_refreshes', 'at_a_refresh'])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(bad_step, corpus, tmp_path):
   ckpt = tmp_path / 'ckpt'
   cfg = toy_config(
-    corpus, tmp_path, nonfinite_grad_step=5, checkpoint_every=1, checkpoint_dir=str(ckpt)
+    corpus, tmp_path, nonfinite_grad_step=bad_step, checkpoint_every=1, checkpoint_dir=str(ckpt)
   )
-  with pytest.raises(train_lib.TrainingError, match='non-finite loss or gradient at step 5') as e:
+  message = f'non-finite loss or gradient at step {bad_step}'
+  with pytest.raises(train_lib.TrainingError, match=message) as e:
     train_lib.train(cfg)
   checkpointer = Checkpointer(str(ckpt))
-  assert checkpointer.latest_step() == 4
-  assert 'Last good checkpoint: step 4' in str(e.value)
+  assert checkpointer.latest_step() == bad_step - 1
+  assert f'Last good checkpoint: step {bad_step - 1}' in str(e.value)
   state, _ = checkpointer.restore(train_lib.build(cfg).restore_target())
   checkpointer.close()
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
@@ -200,7 +202,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
 
 def test_apply_if_finite_skips_a_poisoned_step(corpus, tmp_path):
   clean = train_lib.train(toy_config(corpus, tmp_path / 'clean', skip_nonfinite=True))
-  poisoned = train_lib.train(
+  poisoned = train_lib.train(  # step 3 refreshes the projectors (gap 3)
     toy_config(corpus, tmp_path / 'poisoned', skip_nonfinite=True, nonfinite_grad_step=3)
   )
   assert [r.get('skipped', False) for r in poisoned.history] == [False, False, True] + [False] * 3

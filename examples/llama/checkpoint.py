@@ -8,13 +8,16 @@ Orbax writes each step to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact; leftover
 temporary directories are removed when the next run opens the directory.
 
-Damage is detected, not trusted away. Every record is sealed with checksums:
-a SHA-256 of the record itself and, per state leaf, a 32-bit hash of the
-array's bits computed on device at save time. A step is only used when its
-commit marker is present, orbax can read it, and both checksums match.
-``restore_latest`` walks back from the newest step: a damaged step is reported
-in one line, moved aside to ``<step>.damaged`` (so the resumed run can save
-that step again) and the next older step is tried.
+Damage is detected, not trusted away. Every record is sealed: a SHA-256
+digest covers the record, a digest of the state's layout (tree structure,
+shapes, dtypes) and, per state leaf, a 32-bit hash of the array's bits
+computed on device at save time. A step is only used when its commit marker is
+present, orbax can read it, and the digest and every hash match; orbax alone
+reads garbled array bytes without complaint. ``restore_latest`` walks back from
+the newest step: a damaged step is reported in one line, moved aside to
+``<step>.damaged`` (so the resumed run can save that step again) and the next
+older step is tried. A sound step whose layout is not the target's (another
+model or optimizer) is an error of the caller, and nothing is moved.
 
 All processes of a multi-process run call every method; they read the same
 files, agree on whether a step failed before any collective, and only process
@@ -271,9 +274,6 @@ class Checkpointer:
     multihost_utils.sync_global_devices(f'checkpoint-move-aside-{step}')
     self._manager.reload()
     return target
-
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lean
 from examples.llama import data as data_lib
-from examples.llama import distributed, optimizers
+from examples.llama import distributed, optimizers, validation
 from examples.llama.checkpoint import Checkpointer, CheckpointError
 from examples.llama.configs import CONFIGS, get_config
 from examples.llama.model import Llama, param_count
@@ -567,7 +567,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, distri
   cluster, cluster_problems = distributed.cluster_from(
     cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed
   )
-  problems = config_problems(cfg) + cluster_problems
+  problems = validation.config_problems(cfg) + cluster_problems
   if problems:
     parser.error(problems[0])
   return cfg, cluster
@@ -575,7 +575,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, distri
 
 def validate(cfg: TrainConfig) -> list[str]:
   """Problems with a config that can be found before any work."""
-  return config_problems(cfg) + mesh_problems(cfg)
+  return validation.config_problems(cfg) + mesh_problems(cfg)
 
 
 def mesh_problems(cfg: TrainConfig) -> list[str]:
@@ -585,66 +585,6 @@ def mesh_problems(cfg: TrainConfig) -> list[str]:
   except ValueError as e:
     return [str(e)]
   return []
-
-
-def config_problems(cfg: TrainConfig) -> list[str]:
-  """Problems with a config that need neither a device nor the data's tokens."""
-  problems = []
-  if cfg.optimizer not in optimizers.REGISTRY:
-    problems.append(
-      f'unknown --optimizer {cfg.optimizer!r}; choose one of {", ".join(optimizers.REGISTRY)}'
-    )
-  if cfg.model not in CONFIGS:
-    problems.append(f'unknown --model {cfg.model!r}; choose one of {", ".join(CONFIGS)}')
-  if cfg.projector not in optimizers.PROJECTORS:
-    problems.append(
-      f'unknown --projector {cfg.projector!r}; choose one of {", ".join(optimizers.PROJECTORS)}'
-    )
-  if cfg.subset_size != 'heuristic' and not cfg.subset_size.lstrip('-').isdigit():
-    problems.append(f"--subset-size must be 'heuristic' or an integer, got {cfg.subset_size!r}")
-  if cfg.data is not None and not cfg.data.startswith('hf:'):
-    try:
-      data_lib.read_files(cfg.data)
-    except data_lib.DataError as e:
-      problems.append(f'--data: {e}')
-  checkpoint_dir = cfg.checkpoint_dir
-  if (
-    checkpoint_dir is not None
-    and os.path.exists(checkpoint_dir)
-    and not os.path.isdir(checkpoint_dir)
-  ):
-    problems.append(f'--checkpoint-dir {checkpoint_dir} exists and is not a directory')
-  if cfg.resume and cfg.checkpoint_dir is None:
-    problems.append('--resume needs --checkpoint-dir')
-  return problems + range_problems(cfg)
-
-
-def range_problems(cfg: TrainConfig) -> list[str]:
-  """Numbers outside their ranges, one line each."""
-  problems = []
-  at_least_one = (
-    'steps',
-    'batch_size',
-    'seq_len',
-    'grad_accum',
-    'eval_every',
-    'eval_batches',
-    'checkpoint_every',
-    'rank',
-  )
-  for name in at_least_one:
-    value = getattr(cfg, name)
-    if value is not None and value < 1:
-      problems.append(f'--{name.replace("_", "-")} must be >= 1, got {value}')
-  if cfg.learning_rate is not None and not cfg.learning_rate > 0:
-    problems.append(f'--learning-rate must be > 0, got {cfg.learning_rate}')
-  if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
-    problems.append(f'--warmup-steps must be >= 0, got {cfg.warmup_steps}')
-  if not 0 <= cfg.min_lr_ratio <= 1:
-    problems.append(f'--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}')
-  if not cfg.clip_norm >= 0:
-    problems.append(f'--clip-norm must be >= 0 (0: no clipping), got {cfg.clip_norm}')
-  return problems
 
 
 def main(argv: list[str] | None = None) -> int:
