@@ -50,6 +50,14 @@ def test_bad_cluster_environment_exits_2(cli_env):
   assert "JAX_NUM_PROCESSES must be a non-negative integer, got 'two'" in out.stderr
 
 
+def test_no_cluster_to_detect_exits_1(cli_env):
+  detectable = ('SLURM_', 'OMPI_', 'KUBERNETES_', 'TPU_', 'JAX_COORDINATOR')
+  env = {k: v for k, v in cli_env.items() if not k.startswith(detectable)}
+  out = cli.run('--distributed', env=env, timeout=120)
+  assert out.returncode == 1
+  assert out.stderr.count('\n') == 1 and 'error: could not join a cluster' in out.stderr
+
+
 def test_a_checkpoint_dir_that_is_a_file_exits_2(tmp_path, cli_env):
   (tmp_path / 'ckpt').write_text('not a directory')
   out = cli.run('--checkpoint-dir', str(tmp_path / 'ckpt'), env=cli_env, timeout=120)

@@ -20,9 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import chex
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from examples.llama.checkpoint import Checkpointer
+from examples.llama.checkpoint import Checkpointer, state_checksums
 from tests import cli
 
 KILL_TIMEOUT = 240  # seconds for a run to reach its kill point, on a busy machine
@@ -124,6 +128,20 @@ def test_killed_runs_resume_bit_exactly(points, options, straight, cli_env, tmp_
   state, record = cli.restore(str(tmp_path / 'ckpt'), options)
   chex.assert_trees_all_equal(state, straight[1][0])
   assert record['data_position'] == 12
+
+
+def test_checksums_ignore_sharding_and_see_every_bit_and_position():
+  x = jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8) / 7
+  tree = {'f32': x, 'bf16': x.astype(jnp.bfloat16), 'int': jnp.arange(5, dtype=jnp.int32)}
+  mesh = jax.make_mesh((8,), ('x',), axis_types=(jax.sharding.AxisType.Auto,))
+  rows = NamedSharding(mesh, P('x'))
+  sharded = {**tree, 'f32': jax.device_put(x, rows), 'bf16': jax.device_put(tree['bf16'], rows)}
+  assert state_checksums(sharded) == state_checksums(tree)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  one_bit = jax.lax.bitcast_convert_type(bits.at[3, 5].set(bits[3, 5] ^ 1), jnp.float32)
+  swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
+  for changed in (one_bit, swapped):
+    assert state_checksums([changed]) != state_checksums([x])
 
 
 def restore_target(options):

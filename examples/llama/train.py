@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -371,7 +371,7 @@ def report_memory(run: Run) -> tuple[int, int, int]:
   return n_params, opt_bytes, adamw_bytes
 
 
-def say(line: str, file=None) -> None:
+def say(line: str, file: TextIO | None = None) -> None:
   """Prints a line from process 0 only (every process computes the same)."""
   if distributed.is_primary():
     print(line, file=file or sys.stdout, flush=True)
@@ -591,8 +591,12 @@ def main(argv: list[str] | None = None) -> int:
   cfg, cluster = config_from_args(argv)
   try:
     distributed.join(cluster)
-  except RuntimeError as e:
-    print(f'error: could not join the cluster: {e}', file=sys.stderr)
+  except (RuntimeError, ValueError) as e:
+    print(
+      f'error: could not join a cluster ({e}); where JAX cannot detect it, pass '
+      '--coordinator, --num-processes and --process-id',
+      file=sys.stderr,
+    )
     return 1
   problems = mesh_problems(cfg)
   if problems:
