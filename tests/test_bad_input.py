@@ -1,14 +1,19 @@
 """Bad command lines and data: one clear line on stderr and a non-zero status.
 
-Each case runs the trainer as users do. Problems visible in the arguments
-alone exit with status 2 before any work; problems that need the data or the
-model (a sequence longer than the text, a rank no matrix allows) exit with
-status 1 once they are found. Neither prints a traceback.
+Each case runs the trainer as users do (all cases at once, a few processes at
+a time). Problems visible in the arguments alone exit with status 2 before any
+work; problems found while loading the data or building the model (a sequence
+longer than the text, a rank no matrix allows) exit with status 1. Neither
+prints a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -16,98 +21,168 @@ from examples.llama import optimizers
 from examples.llama import train as train_lib
 from tests import cli
 
-BEFORE_WORK = [
-  (['--optimizer', 'lion'], "unknown --optimizer 'lion'; choose one of adamw"),
-  (['--model', '2b'], "unknown --model '2b'; choose one of toy"),
-  (['--projector', 'qr'], "unknown --projector 'qr'; choose one of svd"),
-  (['--mesh', 'data=3'], '--mesh data=3 needs 3 devices, which does not divide the 8'),
-  (['--mesh', 'model=8'], "--mesh must look like 'data=N,fsdp=M', got 'model=8'"),
-  (['--data', '/no/such/path'], "--data: no data files at '/no/such/path'"),
-  (['--steps', '0'], '--steps must be >= 1, got 0'),
-  (['--steps', 'many'], "argument --steps: invalid int value: 'many'"),
-  (['--rank', '0'], '--rank must be >= 1, got 0'),
-  (['--eval-batches', '0'], '--eval-batches must be >= 1, got 0'),
-  (['--learning-rate', '-0.1'], '--learning-rate must be > 0, got -0.1'),
-  (['--min-lr-ratio', '2'], '--min-lr-ratio must be in [0, 1], got 2.0'),
-  (['--subset-size', 'rows'], "--subset-size must be 'heuristic' or an integer, got 'rows'"),
-  (['--resume'], '--resume needs --checkpoint-dir'),
-  (['--num-processes', '2', '--process-id', '2'], '--process-id must be in [0, 2), got 2'),
-  (['--coordinator', 'localhost'], "--coordinator must look like 'HOST:PORT', got 'localhost'"),
-]
+DETECTABLE_CLUSTERS = ('SLURM_', 'OMPI_', 'KUBERNETES_', 'TPU_', 'JAX_COORDINATOR')
 
 
-@pytest.mark.parametrize('args, message', BEFORE_WORK)
-def test_bad_arguments_exit_2_before_any_work(args, message, cli_env):
-  out = cli.run(*args, env=cli_env, timeout=120)
-  assert out.returncode == 2
-  assert out.stderr.count('\n') == 1 and message in out.stderr, out.stderr
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A bad input and the line it must give.
+
+  Attributes:
+    status: The exit status.
+    message: Text the one line of stderr must contain.
+    flags: The command line (``{corpus}`` stands for the test corpus), or
+    toy: overrides of a toy run on the corpus (or on ``text``).
+    text: The whole data, written to a file, for a toy run.
+    env: Environment variables to set.
+    unset: Prefixes of environment variables to remove.
+  """
+
+  status: int
+  message: str
+  flags: tuple[str, ...] = ()
+  toy: dict | None = None
+  text: str | None = None
+  env: tuple[tuple[str, str], ...] = ()
+  unset: tuple[str, ...] = ()
 
 
-def test_bad_cluster_environment_exits_2(cli_env):
-  out = cli.run(env={**cli_env, 'JAX_NUM_PROCESSES': 'two'}, timeout=120)
-  assert out.returncode == 2
-  assert out.stderr.count('\n') == 1
-  assert "JAX_NUM_PROCESSES must be a non-negative integer, got 'two'" in out.stderr
-
-
-def test_no_cluster_to_detect_exits_1(cli_env):
-  detectable = ('SLURM_', 'OMPI_', 'KUBERNETES_', 'TPU_', 'JAX_COORDINATOR')
-  env = {k: v for k, v in cli_env.items() if not k.startswith(detectable)}
-  out = cli.run('--distributed', env=env, timeout=120)
-  assert out.returncode == 1
-  assert out.stderr.count('\n') == 1 and 'error: could not join a cluster' in out.stderr
-
-
-def test_a_checkpoint_dir_that_is_a_file_exits_2(tmp_path, cli_env):
-  (tmp_path / 'ckpt').write_text('not a directory')
-  out = cli.run('--checkpoint-dir', str(tmp_path / 'ckpt'), env=cli_env, timeout=120)
-  assert out.returncode == 2
-  assert out.stderr.count('\n') == 1 and 'exists and is not a directory' in out.stderr
-
-
-ONCE_FOUND = [
-  (
-    {'rank': 33},
+CASES = {
+  # What the arguments alone show: status 2, before any work.
+  'unknown_optimizer': Case(
+    2, "unknown --optimizer 'lion'; choose one of adamw", ('--optimizer', 'lion')
+  ),
+  'unknown_model': Case(2, "unknown --model '2b'; choose one of toy", ('--model', '2b')),
+  'unknown_projector': Case(
+    2, "unknown --projector 'qr'; choose one of svd", ('--projector', 'qr')
+  ),
+  'mesh_not_dividing_the_devices': Case(
+    2, '--mesh data=3 needs 3 devices, which does not divide the 8', ('--mesh', 'data=3')
+  ),
+  'mesh_with_an_unknown_axis': Case(
+    2, "--mesh must look like 'data=N,fsdp=M', got 'model=8'", ('--mesh', 'model=8')
+  ),
+  'missing_data_path': Case(
+    2, "--data: no data files at '/no/such/path'", ('--data', '/no/such/path')
+  ),
+  'zero_steps': Case(2, '--steps must be >= 1, got 0', ('--steps', '0')),
+  'steps_not_a_number': Case(2, "argument --steps: invalid int value: 'many'", ('--steps', 'many')),
+  'zero_rank': Case(2, '--rank must be >= 1, got 0', ('--rank', '0')),
+  'zero_eval_batches': Case(2, '--eval-batches must be >= 1, got 0', ('--eval-batches', '0')),
+  'negative_learning_rate': Case(
+    2, '--learning-rate must be > 0, got -0.1', ('--learning-rate', '-0.1')
+  ),
+  'min_lr_ratio_above_1': Case(
+    2, '--min-lr-ratio must be in [0, 1], got 2.0', ('--min-lr-ratio', '2')
+  ),
+  'negative_warmup': Case(2, '--warmup-steps must be >= 0, got -1', ('--warmup-steps', '-1')),
+  'negative_clip_norm': Case(
+    2, '--clip-norm must be >= 0 (0: no clipping), got -1.0', ('--clip-norm', '-1')
+  ),
+  'subset_size_not_a_number': Case(
+    2, "--subset-size must be 'heuristic' or an integer, got 'rows'", ('--subset-size', 'rows')
+  ),
+  'resume_without_a_checkpoint_dir': Case(2, '--resume needs --checkpoint-dir', ('--resume',)),
+  'checkpoint_dir_is_a_file': Case(
+    2, 'exists and is not a directory', ('--checkpoint-dir', '{corpus}')
+  ),
+  'process_id_out_of_range': Case(
+    2, '--process-id must be in [0, 2), got 2', ('--num-processes', '2', '--process-id', '2')
+  ),
+  'coordinator_without_a_port': Case(
+    2, "--coordinator must look like 'HOST:PORT', got 'localhost'", ('--coordinator', 'localhost')
+  ),
+  'process_count_not_a_number': Case(
+    2,
+    "JAX_NUM_PROCESSES must be a non-negative integer, got 'two'",
+    env=(('JAX_NUM_PROCESSES', 'two'),),
+  ),
+  # Found on the way: status 1.
+  'no_cluster_to_detect': Case(
+    1, 'could not join a cluster', ('--distributed',), unset=DETECTABLE_CLUSTERS
+  ),
+  'rank_above_every_matrix': Case(
+    1,
     "--rank 33 is larger than any matrix of this model allows with the 'svd' projector "
     '(at most 32)',
+    toy={'rank': 33},
   ),
-  (
-    {'rank': 257, 'projector': 'topk'},
+  'rank_above_every_coordinate_subset': Case(
+    1,
     "--rank 257 is larger than any matrix of this model allows with the 'topk' projector "
     '(at most 256)',
+    toy={'rank': 257, 'projector': 'topk'},
   ),
-  ({'seq_len': 100_000}, 'seq_len 100000 is longer than the training split'),
-  ({'batch_size': 12, 'mesh': None}, '--batch-size 12 is not divisible by the 8 devices'),
-  ({'n_kv_heads': 3}, 'n_heads 2 is not divisible by n_kv_heads 3'),
-  ({'tokenizer': 'bpe:many'}, "tokenizer must be 'byte' or 'bpe:<vocab size>', got 'bpe:many'"),
-  ({'momentum_on_refresh': 'sideways'}, 'momentum_on_refresh must be one of'),
-  ({'update_proj_gap': 0}, 'update_proj_gap must be an int >= 1, got 0'),
-  ({'weight_decay': -1.0}, 'weight_decay must be >= 0'),
-]
+  'sequence_longer_than_the_data': Case(
+    1, 'seq_len 100000 is longer than the training split', toy={'seq_len': 100_000}
+  ),
+  'empty_data': Case(1, 'seq_len 32 is longer than the training split (0 tokens)', toy={}, text=''),
+  'validation_smaller_than_a_batch': Case(
+    1,
+    'the validation split (35 tokens) holds 1 sequences of 32, fewer than one batch',
+    toy={},
+    text='x' * 700,
+  ),
+  'batch_not_dividing_the_devices': Case(
+    1, '--batch-size 12 is not divisible by the 8 devices', toy={'batch_size': 12, 'mesh': None}
+  ),
+  'heads_not_dividing': Case(
+    1, 'n_heads 2 is not divisible by n_kv_heads 3', toy={'n_kv_heads': 3}
+  ),
+  'unknown_tokenizer': Case(
+    1,
+    "tokenizer must be 'byte' or 'bpe:<vocab size>', got 'bpe:many'",
+    toy={'tokenizer': 'bpe:many'},
+  ),
+  'unknown_momentum_policy': Case(
+    1, 'momentum_on_refresh must be one of', toy={'momentum_on_refresh': 'sideways'}
+  ),
+  'zero_refresh_gap': Case(
+    1, 'update_proj_gap must be an int >= 1, got 0', toy={'update_proj_gap': 0}
+  ),
+  'negative_weight_decay': Case(1, 'weight_decay must be >= 0', toy={'weight_decay': -1.0}),
+}
 
 
-@pytest.mark.parametrize('overrides, message', ONCE_FOUND)
-def test_bad_values_found_on_the_way_exit_1(overrides, message, corpus, cli_env, tmp_path):
-  options = cli.toy_options(corpus, out_dir=str(tmp_path), **overrides)
-  out = cli.run(*cli.flags(options), env=cli_env, timeout=120)
-  assert out.returncode == 1
-  assert out.stderr.count('\n') == 1 and f'error: {message}' in out.stderr, out.stderr
+def command_line(name: str, case: Case, corpus: str, tmp: Path) -> list[str]:
+  if case.toy is None:
+    return [flag.format(corpus=corpus) for flag in case.flags]
+  data = corpus
+  if case.text is not None:
+    data = str(tmp / f'{name}.txt')
+    Path(data).write_text(case.text)
+  return cli.flags(cli.toy_options(data, out_dir=str(tmp / name), **case.toy))
 
 
-@pytest.mark.parametrize(
-  'text, message',
-  [
-    ('', 'seq_len 32 is longer than the training split (0 tokens)'),
-    ('x' * 700, 'the validation split (35 tokens) holds 1 sequences of 32, fewer than one batch'),
-  ],
-  ids=['empty', 'validation_smaller_than_a_batch'],
-)
-def test_data_too_small_exits_1(text, message, tmp_path, cli_env):
-  (tmp_path / 'tiny.txt').write_text(text)
-  options = cli.toy_options(str(tmp_path / 'tiny.txt'), out_dir=str(tmp_path))
-  out = cli.run(*cli.flags(options), env=cli_env, timeout=120)
-  assert out.returncode == 1
-  assert out.stderr.count('\n') == 1 and f'error: {message}' in out.stderr, out.stderr
+def environment(case: Case, base: dict[str, str]) -> dict[str, str]:
+  kept = {k: v for k, v in base.items() if not k.startswith(case.unset)}
+  return {**kept, **dict(case.env)}
+
+
+@pytest.fixture(scope='module')
+def outcomes(corpus, cli_env, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+  """Every case's run, four at a time: they only start up, so they mostly wait."""
+  tmp = tmp_path_factory.mktemp('bad-input')
+  with ThreadPoolExecutor(max_workers=4) as pool:
+    runs = {
+      name: pool.submit(
+        cli.run,
+        *command_line(name, case, corpus, tmp),
+        env=environment(case, cli_env),
+        timeout=300,
+      )
+      for name, case in CASES.items()
+    }
+    return {name: run.result() for name, run in runs.items()}
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_bad_input_gives_one_line_and_a_non_zero_status(name, outcomes):
+  case, out = CASES[name], outcomes[name]
+  assert out.returncode == case.status, out.stderr
+  assert out.stderr.count('\n') == 1 and case.message in out.stderr, out.stderr
+  if case.status == 1:
+    assert out.stderr.startswith('error: ')
 
 
 @pytest.mark.parametrize(
