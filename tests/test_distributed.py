@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,14 +35,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(args: list[str], env: dict[str, str], logs: Path) -> list[str]:
-  """Runs the trainer as processes 0 and 1 of one cluster; returns their outputs."""
+def start_two_processes(
+  args: list[str], env: dict[str, str], logs: Path, name: str
+) -> list[subprocess.Popen]:
+  """Starts the trainer as processes 0 and 1 of one cluster, logging to ``logs/name{i}.log``."""
   cluster = ['--coordinator', f'localhost:{free_port()}', '--num-processes', '2']
   env = {**env, 'JAX_NUM_CPU_DEVICES': '4'}
-  processes = [
-    cli.start(*args, *cluster, '--process-id', str(i), env=env, log=str(logs / f'process{i}.log'))
+  return [
+    cli.start(*args, *cluster, '--process-id', str(i), env=env, log=str(logs / f'{name}{i}.log'))
     for i in range(2)
   ]
+
+
+def finish(processes: list[subprocess.Popen], logs: list[Path]) -> list[str]:
+  """Waits for every process (killing all if one fails or hangs); returns their logs."""
   deadline = time.monotonic() + TIMEOUT
   try:
     while any(p.poll() is None for p in processes):
@@ -53,8 +60,8 @@ def run_two_processes(args: list[str], env: dict[str, str], logs: Path) -> list[
       if p.poll() is None:
         p.kill()
         p.wait()
-  outputs = [(logs / f'process{i}.log').read_text() for i in range(2)]
-  assert [p.returncode for p in processes] == [0, 0], outputs
+  outputs = [log.read_text() for log in logs]
+  assert [p.returncode for p in processes] == [0] * len(processes), outputs
   return outputs
 
 
@@ -74,13 +81,15 @@ def options(corpus):
 
 
 def test_two_processes_match_one(options, cli_env, tmp_path):
+  # The one-process reference runs alongside the pair: they only share the CPU.
   paths = {'checkpoint_dir': str(tmp_path / 'one'), 'out_dir': str(tmp_path / 'one-out')}
-  one = cli.run(*cli.flags({**options, **paths}), env=cli_env)
-  assert one.returncode == 0, one.stderr
+  one = cli.start(*cli.flags({**options, **paths}), env=cli_env, log=str(tmp_path / 'one.log'))
   two_args = [*cli.flags(options), '--checkpoint-dir', str(tmp_path / 'two')]
-  first, second = run_two_processes(
-    [*two_args, '--out-dir', str(tmp_path / 'two-out')], cli_env, tmp_path
+  pair = start_two_processes(
+    [*two_args, '--out-dir', str(tmp_path / 'two-out')], cli_env, tmp_path, 'two'
   )
+  logs = [tmp_path / name for name in ('one.log', 'two0.log', 'two1.log')]
+  _, first, second = finish([one, *pair], logs)
   assert 'final val loss' in first and 'model toy' not in second  # process 0 reports alone
 
   single, double = metrics(tmp_path / 'one-out'), metrics(tmp_path / 'two-out')
@@ -99,9 +108,13 @@ def test_two_processes_match_one(options, cli_env, tmp_path):
     (tmp_path / 'two' / '6' / 'state').glob('ocdbt.process_1/d/*'), key=lambda p: p.stat().st_size
   )
   shard.write_bytes(shard.read_bytes()[:100])
-  first, _ = run_two_processes(
-    [*two_args, '--resume', '--out-dir', str(tmp_path / 'resumed-out')], cli_env, tmp_path
+  pair = start_two_processes(
+    [*two_args, '--resume', '--out-dir', str(tmp_path / 'resumed-out')],
+    cli_env,
+    tmp_path,
+    'resumed',
   )
+  first, _ = finish(pair, [tmp_path / 'resumed0.log', tmp_path / 'resumed1.log'])
   assert 'checkpoint step 6' in first and 'is damaged' in first and 'trying step 3' in first
   assert 'resumed from step 3' in first
   chex.assert_trees_all_equal(cli.restore(str(tmp_path / 'two'), options)[0], state_two)
