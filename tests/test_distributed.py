@@ -142,6 +142,7 @@ def test_cluster_comes_from_flags_then_environment():
     ('head:1234', 2, 2, {}, '--process-id must be in [0, 2), got 2'),
     ('head:1234', 2, -1, {}, '--process-id must be in [0, 2), got -1'),
     (None, None, None, {'JAX_PROCESS_ID': 'one'}, 'JAX_PROCESS_ID must be a non-negative'),
+    ('head:1234', None, -1, {}, '--process-id must be >= 0, got -1'),
   ],
 )
 def test_bad_clusters_are_named(coordinator, count, index, environ, problem):

@@ -85,10 +85,11 @@ def cluster_problems(cluster: Cluster) -> list[str]:
       problems.append(f"--coordinator must look like 'HOST:PORT', got {cluster.coordinator!r}")
   if cluster.num_processes is not None and cluster.num_processes < 1:
     problems.append(f'--num-processes must be >= 1, got {cluster.num_processes}')
-  if cluster.process_id is not None:
-    count = cluster.num_processes
-    if cluster.process_id < 0 or (count is not None and cluster.process_id >= count):
-      problems.append(f'--process-id must be in [0, {count}), got {cluster.process_id}')
+  index, count = cluster.process_id, cluster.num_processes
+  if index is not None and count is None and index < 0:
+    problems.append(f'--process-id must be >= 0, got {index}')
+  if index is not None and count is not None and not 0 <= index < count:
+    problems.append(f'--process-id must be in [0, {count}), got {index}')
   return problems
 
 
