@@ -2,12 +2,7 @@
 
 import dataclasses
 import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import chex
 import jax
@@ -23,45 +18,12 @@ from examples.llama import train as train_lib
 from examples.llama.checkpoint import Checkpointer
 from examples.llama.configs import get_config
 from examples.llama.model import Llama
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cli
 
 
 def open_text(path) -> str:
   with open(path) as f:
     return f.read()
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  """About 60 kB of learnable text: sentences over a small vocabulary."""
-  rng = np.random.default_rng(0)
-  words = [
-    'the',
-    'king',
-    'queen',
-    'lord',
-    'fair',
-    'doth',
-    'speak',
-    'night',
-    'love',
-    'and',
-    'thou',
-    'art',
-    'my',
-    'heart',
-    'shall',
-    'not',
-    'be',
-    'so',
-  ]
-  lines = [
-    ' '.join(rng.choice(words, size=rng.integers(4, 10))).capitalize() + '.' for _ in range(1500)
-  ]
-  path = tmp_path_factory.mktemp('corpus') / 'verse.txt'
-  path.write_text('\n'.join(lines))
-  return str(path)
 
 
 def toy_config(corpus, tmp_path, **overrides):
@@ -204,144 +166,35 @@ def test_resume_is_bit_exact(corpus, tmp_path, options):
   chex.assert_trees_all_equal(resumed.final_state, straight.final_state)
 
 
-def run_cli(*args, env=None, timeout=240):
-  return subprocess.run(
-    [sys.executable, '-m', 'examples.llama.train', *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    env={**os.environ, **(env or {})},
-    timeout=timeout,
-  )
-
-
-def test_cli_smoke_run(corpus, tmp_path):
-  out = run_cli(
-    '--model',
-    'toy',
-    '--optimizer',
-    'adamsn',
-    '--steps',
-    '3',
-    '--batch-size',
-    '4',
-    '--seq-len',
-    '16',
-    '--eval-every',
-    '3',
-    '--eval-batches',
-    '1',
-    '--data',
+def test_cli_smoke_run(corpus, tmp_path, cli_env):
+  options = cli.toy_options(
     corpus,
-    '--out-dir',
-    str(tmp_path),
-    '--no-progress',
+    optimizer='adamsn',
+    steps=3,
+    seq_len=16,
+    eval_every=3,
+    checkpoint_every=3,
+    mesh=None,
+    out_dir=str(tmp_path),
   )
+  out = cli.run(*cli.flags(options), env=cli_env)
   assert out.returncode == 0, out.stderr
   assert 'optimizer adamsn: state' in out.stdout and 'of adamw' in out.stdout
   assert 'final val loss' in out.stdout
 
 
-def test_killed_run_resumes_to_the_same_parameters(corpus, tmp_path):
-  cfg = toy_config(
-    corpus, tmp_path, steps=40, update_proj_gap=5, eval_every=40, eval_batches=1, checkpoint_every=5
-  )
-  args = [
-    '--model',
-    'toy',
-    '--optimizer',
-    cfg.optimizer,
-    '--steps',
-    '40',
-    '--batch-size',
-    '8',
-    '--seq-len',
-    '32',
-    '--rank',
-    '4',
-    '--update-proj-gap',
-    '5',
-    '--eval-every',
-    '40',
-    '--eval-batches',
-    '1',
-    '--checkpoint-every',
-    '5',
-    '--mesh',
-    'data=1',
-    '--data',
-    corpus,
-    '--no-progress',
-  ]
-  straight = run_cli(
-    *args, '--checkpoint-dir', str(tmp_path / 'straight'), '--out-dir', str(tmp_path / 'a')
-  )
-  assert straight.returncode == 0, straight.stderr
-
-  killed = tmp_path / 'killed'
-  process = subprocess.Popen(
-    [
-      sys.executable,
-      '-m',
-      'examples.llama.train',
-      *args,
-      '--checkpoint-dir',
-      str(killed),
-      '--out-dir',
-      str(tmp_path / 'b'),
-    ],
-    cwd=ROOT,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  deadline = time.time() + 180
-  while time.time() < deadline and not (killed / '10').exists():
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  resumed = run_cli(
-    *args, '--checkpoint-dir', str(killed), '--out-dir', str(tmp_path / 'b'), '--resume'
-  )
-  assert resumed.returncode == 0, resumed.stderr
-  resumed_from = int(re.search(r'resumed from step (\d+)', resumed.stdout).group(1))
-  assert 10 <= resumed_from < 40  # the kill landed mid-run
-
-  target = train_lib.build(cfg).restore_target()
-  finals = []
-  for directory in (tmp_path / 'straight', killed):
-    checkpointer = Checkpointer(str(directory))
-    assert checkpointer.latest_step() == 40
-    finals.append(checkpointer.restore(target)[0])
-    checkpointer.close()
-  chex.assert_trees_all_equal(*finals)
-
-
-@pytest.mark.parametrize(
-  'args, message',
-  [
-    (['--optimizer', 'lion'], "unknown --optimizer 'lion'; choose one of adamw"),
-    (['--mesh', 'data=3'], '--mesh data=3 needs 3 devices, which does not divide the 8'),
-    (['--data', '/no/such/path'], "--data: no data files at '/no/such/path'"),
-    (['--steps', '0'], '--steps must be >= 1'),
-    (['--model', '2b'], "unknown --model '2b'"),
-  ],
-)
-def test_bad_arguments_give_one_line_and_exit_2(args, message):
-  out = run_cli(*args, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}, timeout=60)
-  assert out.returncode == 2
-  assert out.stderr.count('\n') == 1 and message in out.stderr, out.stderr
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize('bad_step', [5, 6], ids=['between_refreshes', 'at_a_refresh'])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(bad_step, corpus, tmp_path):
   ckpt = tmp_path / 'ckpt'
   cfg = toy_config(
-    corpus, tmp_path, nonfinite_grad_step=5, checkpoint_every=1, checkpoint_dir=str(ckpt)
+    corpus, tmp_path, nonfinite_grad_step=bad_step, checkpoint_every=1, checkpoint_dir=str(ckpt)
   )
-  with pytest.raises(train_lib.TrainingError, match='non-finite loss or gradient at step 5') as e:
+  message = f'non-finite loss or gradient at step {bad_step}'
+  with pytest.raises(train_lib.TrainingError, match=message) as e:
     train_lib.train(cfg)
   checkpointer = Checkpointer(str(ckpt))
-  assert checkpointer.latest_step() == 4
-  assert 'Last good checkpoint: step 4' in str(e.value)
+  assert checkpointer.latest_step() == bad_step - 1
+  assert f'Last good checkpoint: step {bad_step - 1}' in str(e.value)
   state, _ = checkpointer.restore(train_lib.build(cfg).restore_target())
   checkpointer.close()
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
@@ -349,7 +202,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
 
 def test_apply_if_finite_skips_a_poisoned_step(corpus, tmp_path):
   clean = train_lib.train(toy_config(corpus, tmp_path / 'clean', skip_nonfinite=True))
-  poisoned = train_lib.train(
+  poisoned = train_lib.train(  # step 3 refreshes the projectors (gap 3)
     toy_config(corpus, tmp_path / 'poisoned', skip_nonfinite=True, nonfinite_grad_step=3)
   )
   assert [r.get('skipped', False) for r in poisoned.history] == [False, False, True] + [False] * 3

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import optax_lean
+from optax_lean._src.projectors import PROJECTORS
 
 GAP = 4
 
@@ -47,6 +49,10 @@ def test_apply_if_finite_leaves_state_untouched():
   assert int(state.notfinite_count) == 0
 
 
+def cast(grads, dtype):
+  return jax.tree.map(lambda g: g.astype(dtype), grads)
+
+
 def projector_after(tx, grads):
   params = jax.tree.map(jnp.zeros_like, grads[0])
   state = tx.init(params)
@@ -55,14 +61,45 @@ def projector_after(tx, grads):
   return state.projector['w']
 
 
-def test_refresh_on_zero_or_nonfinite_gradient_keeps_the_projector():
-  tx = optax_lean.scale_by_subspace_momentum(0.9, rank=2, update_proj_gap=GAP)
-  history = [grads_at(t) for t in range(1, GAP)]
+BAD_GRADIENTS = {
+  'zeros': lambda g: jnp.zeros_like(g),
+  'inf': lambda g: jnp.full_like(g, jnp.inf),
+  'minus_inf': lambda g: jnp.full_like(g, -jnp.inf),
+  'nan': lambda g: jnp.full_like(g, jnp.nan),
+  'one_nan': lambda g: g.at[2, 1].set(jnp.nan),
+}
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['f32', 'bf16'])
+@pytest.mark.parametrize('projector', list(PROJECTORS))
+def test_refresh_on_zero_or_nonfinite_gradient_keeps_the_projector(projector, dtype):
+  tx = optax_lean.scale_by_subspace_momentum(0.9, rank=2, update_proj_gap=GAP, projector=projector)
+  history = [cast(grads_at(t), dtype) for t in range(1, GAP)]
   kept = projector_after(tx, history)
-  assert bool(jnp.all(jnp.isfinite(kept))) and bool(jnp.any(kept != 0))
-  for bad in (jnp.zeros((6, 4)), jnp.full((6, 4), jnp.inf), jnp.full((6, 4), jnp.nan)):
-    chex.assert_trees_all_equal(projector_after(tx, [*history, {'w': bad}]), kept)
-  assert not np.allclose(projector_after(tx, [*history, grads_at(99)]), kept)
+  fresh = projector_after(tx, [*history, cast(grads_at(99), dtype)])
+  assert not np.array_equal(fresh, kept)  # a sound refresh changes it
+  for bad, make in BAD_GRADIENTS.items():
+    poisoned = projector_after(tx, [*history, {'w': make(history[0]['w'])}])
+    # A projector that reads the gradient keeps its state; one drawn from a
+    # key alone cannot be spoilt by it and refreshes as usual.
+    expected = kept if PROJECTORS[projector].reads_gradient else fresh
+    np.testing.assert_array_equal(poisoned, expected, err_msg=bad)
+
+
+@pytest.mark.parametrize('magnitude', [1e30, 3e38])
+@pytest.mark.parametrize('projector', list(PROJECTORS))
+def test_refresh_on_huge_gradients_gives_an_orthonormal_basis(projector, magnitude):
+  tx = optax_lean.scale_by_subspace_momentum(0.9, rank=2, update_proj_gap=GAP, projector=projector)
+  history = [grads_at(t) for t in range(1, GAP)]
+  signs = jnp.sign(grads_at(99)['w'])
+  state = projector_after(tx, [*history, {'w': signs * magnitude}])
+  basis = PROJECTORS[projector]().basis(state, (6, 2), jnp.float32)
+  np.testing.assert_allclose(basis.T @ basis, np.eye(2), atol=1e-5)
+  # Refreshes are scale-free: the basis of the same gradient at size 1, or,
+  # where the arithmetic overflows (randomized_svd at 3e38), the old one.
+  unit = projector_after(tx, [*history, {'w': signs}])
+  kept = projector_after(tx, history)
+  assert np.allclose(state, unit, atol=1e-5) or np.array_equal(state, kept)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,6 +198,12 @@ class TokenBatches:
     for name, part in (('training', batches.train), ('validation', batches.val)):
       if len(part) < seq_len + 1:
         raise DataError(f'seq_len {seq_len} is longer than the {name} split ({len(part)} tokens)')
+    windows = (len(batches.val) - 1) // seq_len
+    if windows < batch_size:
+      raise DataError(
+        f'the validation split ({len(batches.val)} tokens) holds {windows} sequences of '
+        f'{seq_len}, fewer than one batch of {batch_size}'
+      )
     return batches
 
   @property
@@ -209,12 +215,16 @@ class TokenBatches:
     chunk = tokens[index]
     return chunk[:, :-1], chunk[:, 1:]
 
-  def batch(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-    """Batch number ``position`` of the stream: ``(inputs, targets)``."""
+  def batch(self, position: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """Batch number ``position`` of the stream: ``(inputs, targets)``.
+
+    ``rows`` selects rows of the batch; a process of a multi-process run
+    builds only the rows its devices hold.
+    """
     per_epoch = self.windows_per_epoch
-    flat = position * self.batch_size + np.arange(self.batch_size)
+    flat = position * self.batch_size + np.arange(self.batch_size)[rows]
     epochs, offsets = np.divmod(flat, per_epoch)
-    starts = np.empty(self.batch_size, np.int64)
+    starts = np.empty(len(flat), np.int64)
     for epoch in np.unique(epochs):
       order = np.random.default_rng([self.seed, int(epoch)]).permutation(per_epoch)
       chosen = epochs == epoch
@@ -228,13 +238,11 @@ class TokenBatches:
       position += 1
 
   def validation(self, num_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Up to ``num_batches`` fixed batches of consecutive held-out windows."""
+    """Up to ``num_batches`` fixed, full batches of consecutive held-out windows."""
     windows = (len(self.val) - 1) // self.seq_len
-    starts = np.arange(min(windows, num_batches * self.batch_size)) * self.seq_len
-    return [
-      self._windows(self.val, starts[i : i + self.batch_size])
-      for i in range(0, len(starts), self.batch_size)
-    ]
+    count = min(windows // self.batch_size, num_batches)
+    starts = np.arange(count * self.batch_size).reshape(count, self.batch_size) * self.seq_len
+    return [self._windows(self.val, s) for s in starts]
 
 
 def main() -> None:

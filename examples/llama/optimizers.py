@@ -197,6 +197,42 @@ REGISTRY: dict[str, OptimizerSpec] = {
 }
 
 
+PROJECTORS: dict[str, type[optax_lean.Projector]] = {
+  cls.name: cls
+  for cls in (
+    optax_lean.SVDProjector,
+    optax_lean.RandomizedSVDProjector,
+    optax_lean.RandomProjector,
+    optax_lean.UniformProjector,
+    optax_lean.TopKProjector,
+  )
+}
+
+
+def rank_problem(name: str, hparams: Hyperparameters, params: Any) -> str | None:
+  """Why ``hparams.rank`` cannot work for ``params``, or ``None`` if it can.
+
+  The library clips a rank per leaf (with a warning) to what each matrix
+  allows, which is right when some kernels are smaller than others; a rank
+  larger than every kernel allows is a mistake on the command line.
+  """
+  if not REGISTRY[name].low_rank:
+    return None
+  projector = PROJECTORS[hparams.projector]()
+  selected = jax.tree.leaves(linear_kernels(params))
+  limit = max(
+    projector.max_rank(*p.shape[-2:])
+    for p, chosen in zip(jax.tree.leaves(params), selected)
+    if chosen
+  )
+  if hparams.rank <= limit:
+    return None
+  return (
+    f'--rank {hparams.rank} is larger than any matrix of this model allows with the '
+    f'{hparams.projector!r} projector (at most {limit})'
+  )
+
+
 def build(name: str, schedule: optax.Schedule, hparams: Hyperparameters):
   """The named optimizer; ``ValueError`` listing the choices if unknown."""
   if name not in REGISTRY:

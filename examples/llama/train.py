@@ -8,6 +8,12 @@ pytree, and one ``jax.jit`` with explicit input and output shardings (from
 ``optax_lean.state_sharding``) and a donated state runs each step. Metrics are
 read one step late so the host never waits on the device, except at
 evaluations and checkpoints.
+
+Several processes train one model when given ``--coordinator HOST:PORT
+--num-processes N --process-id I`` (see ``distributed.py``); process 0 prints
+and writes metrics. ``--resume`` continues from the newest checkpoint that
+passes its checksums, reporting and setting aside damaged ones (see
+``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +37,8 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lean
 from examples.llama import data as data_lib
-from examples.llama import optimizers, rso
-from examples.llama.checkpoint import Checkpointer
+from examples.llama import distributed, optimizers, rso, validation
+from examples.llama.checkpoint import Checkpointer, CheckpointError
 from examples.llama.configs import CONFIGS, get_config
 from examples.llama.model import Llama, param_count
 
@@ -62,6 +68,10 @@ class TrainConfig:
   tie_embeddings: bool = False
   n_kv_heads: int | None = None
   mesh: str | None = None  # e.g. 'data=2,fsdp=4'; None: all devices on 'data'
+  distributed: bool = False  # join a JAX cluster, detecting whatever is not set below
+  coordinator: str | None = None  # HOST:PORT of process 0; else $JAX_COORDINATOR_ADDRESS
+  num_processes: int | None = None  # else $JAX_NUM_PROCESSES
+  process_id: int | None = None  # else $JAX_PROCESS_ID
   eval_every: int = 100
   eval_batches: int = 20
   checkpoint_dir: str | None = None
@@ -119,6 +129,11 @@ def parse_mesh(spec: str | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
       f'--mesh {spec} needs {math.prod(sizes)} devices, which does not divide '
       f'the {devices} available'
     )
+  if jax.process_count() > 1 and math.prod(sizes) != devices:
+    raise ValueError(
+      f'--mesh {spec} uses {math.prod(sizes)} of the {devices} devices; a multi-process '
+      'run must use all of them'
+    )
   return tuple(names), tuple(sizes)
 
 
@@ -140,22 +155,30 @@ def learning_rate_schedule(cfg: TrainConfig, peak: float) -> optax.Schedule:
   )
 
 
-def make_optimizer(
-  cfg: TrainConfig,
-) -> tuple[optax.GradientTransformation, optax.Schedule, optimizers.Hyperparameters]:
-  """The configured optimizer (with clipping, protection, accumulation) and its inputs."""
-  peak = cfg.learning_rate or optimizers.REGISTRY[cfg.optimizer].learning_rate
-  schedule = learning_rate_schedule(cfg, peak)
+def peak_learning_rate(cfg: TrainConfig) -> float:
+  """The schedule's peak: ``--learning-rate``, or the optimizer's registered default."""
+  return cfg.learning_rate or optimizers.REGISTRY[cfg.optimizer].learning_rate
+
+
+def hyperparameters(cfg: TrainConfig, model_width: int) -> optimizers.Hyperparameters:
+  """The optimizer settings of the command line; the rank defaults to a quarter width."""
   subset = cfg.subset_size if cfg.subset_size == 'heuristic' else int(cfg.subset_size)
-  hparams = optimizers.Hyperparameters(
-    peak_learning_rate=peak,
+  return optimizers.Hyperparameters(
+    peak_learning_rate=peak_learning_rate(cfg),
     weight_decay=cfg.weight_decay,
-    rank=cfg.rank or max(1, get_config(cfg.model).dim // 4),
+    rank=cfg.rank if cfg.rank is not None else max(1, model_width // 4),
     update_proj_gap=cfg.update_proj_gap,
     projector=cfg.projector,
     subset_size=subset,
     momentum_on_refresh=cfg.momentum_on_refresh,
   )
+
+
+def make_optimizer(
+  cfg: TrainConfig, hparams: optimizers.Hyperparameters
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The configured optimizer (with clipping, protection, accumulation) and its schedule."""
+  schedule = learning_rate_schedule(cfg, hparams.peak_learning_rate)
   tx = optimizers.build(cfg.optimizer, schedule, hparams)
   if cfg.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
@@ -163,7 +186,7 @@ def make_optimizer(
     tx = optax.apply_if_finite(tx, MAX_CONSECUTIVE_NONFINITE)
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-  return tx, schedule, hparams
+  return tx, schedule
 
 
 def loss_fn(graphdef, params, inputs, targets):
@@ -210,6 +233,8 @@ class Run:
   cfg: TrainConfig
   batches: data_lib.TokenBatches
   mesh: jax.sharding.Mesh
+  batch_sharding: NamedSharding
+  rows: slice  # the rows of each batch this process feeds
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   state_sharding: TrainState
@@ -220,6 +245,23 @@ class Run:
   init_state: Any  # () -> TrainState, jitted
   step_fn: Any  # (state, inputs, targets) -> (state, metrics), jitted, donates state
   eval_fn: Any  # (params, inputs, targets) -> loss, jitted
+
+  def global_batch(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """One global batch from this process's rows of it."""
+    shape = (self.cfg.batch_size, self.cfg.seq_len)
+    return (
+      distributed.global_array(self.batch_sharding, inputs, shape),
+      distributed.global_array(self.batch_sharding, targets, shape),
+    )
+
+  def train_batch(self, position: int) -> tuple[jax.Array, jax.Array]:
+    return self.global_batch(*self.batches.batch(position, self.rows))
+
+  def validation_batches(self) -> list[tuple[jax.Array, jax.Array]]:
+    return [
+      self.global_batch(x[self.rows], y[self.rows])
+      for x, y in self.batches.validation(self.cfg.eval_batches)
+    ]
 
   def restore_target(self) -> TrainState:
     """The abstract state, with shardings, to restore a checkpoint into."""
@@ -238,7 +280,7 @@ def build(cfg: TrainConfig) -> Run:
     tokenizer.encode(text), cfg.batch_size, cfg.seq_len, cfg.seed
   )
   spec = optimizers.REGISTRY[cfg.optimizer]
-  tx, schedule, hparams = make_optimizer(cfg)
+  hparams = hyperparameters(cfg, get_config(cfg.model).dim)
   model_cfg = get_config(
     cfg.model,
     vocab_size=tokenizer.vocab_size
@@ -271,6 +313,10 @@ def build(cfg: TrainConfig) -> Run:
   param_shd = jax.tree.map(
     lambda p: NamedSharding(mesh, fsdp_spec(p.shape, fsdp, cfg.scan_layers)), abstract_params
   )
+  problem = optimizers.rank_problem(cfg.optimizer, hparams, abstract_params)
+  if problem:
+    raise ValueError(problem)
+  tx, schedule = make_optimizer(cfg, hparams)
   replicated = NamedSharding(mesh, P())
   opt_shd = optax_lean.state_sharding(tx, split(abstract_params)[0], split(param_shd)[0])
   state_shd = TrainState(replicated, param_shd, opt_shd)
@@ -308,6 +354,8 @@ def build(cfg: TrainConfig) -> Run:
     cfg=cfg,
     batches=batches,
     mesh=mesh,
+    batch_sharding=batch_shd,
+    rows=distributed.local_rows(batch_shd, (cfg.batch_size, cfg.seq_len)),
     tx=tx,
     schedule=schedule,
     state_sharding=state_shd,
@@ -341,42 +389,58 @@ def report_memory(run: Run) -> tuple[int, int, int]:
     f'{k} {format_bytes(v)}' for k, v in optax_lean.state_bytes_by_kind(opt_state).items()
   )
   cfg = run.cfg
-  print(
+  say(
     f'model {cfg.model}: {n_params:,} parameters ({format_bytes(4 * n_params)} f32); mesh '
-    f'{dict(run.mesh.shape)}',
-    flush=True,
+    f'{dict(run.mesh.shape)}'
   )
-  print(
+  say(
     f'optimizer {cfg.optimizer}: state {format_bytes(opt_bytes)} '
-    f'({100 * opt_bytes / adamw_bytes:.1f}% of adamw {format_bytes(adamw_bytes)}): {by_kind}',
-    flush=True,
+    f'({100 * opt_bytes / adamw_bytes:.1f}% of adamw {format_bytes(adamw_bytes)}): {by_kind}'
   )
   return n_params, opt_bytes, adamw_bytes
+
+
+def say(line: str, file: TextIO | None = None) -> None:
+  """Prints a line from process 0 only (every process computes the same)."""
+  if distributed.is_primary():
+    print(line, file=file or sys.stdout, flush=True)
+
+
+def starting_point(run: Run, checkpointer: Checkpointer | None) -> tuple[TrainState, int, bool]:
+  """The state and data position to start from, and whether they were resumed.
+
+  With ``--resume``, the newest checkpoint that passes its checksums (damaged
+  newer ones are reported and set aside); otherwise a fresh state.
+  """
+  cfg = run.cfg
+  warn = lambda line: say(f'warning: {line}', file=sys.stderr)
+  restored = None
+  if cfg.resume and checkpointer is not None:
+    restored = checkpointer.restore_latest(run.restore_target(), report=warn)
+  if restored is None:
+    return run.init_state(), 0, False
+  state, record = restored
+  if record['config']['model'] != cfg.model or record['config']['optimizer'] != cfg.optimizer:
+    raise ValueError(
+      f'--resume: {cfg.checkpoint_dir} holds a {record["config"]["model"]} / '
+      f'{record["config"]["optimizer"]} run'
+    )
+  position = record['data_position']
+  say(f'resumed from step {int(state.step)} (data position {position})')
+  return state, position, True
 
 
 def train(cfg: TrainConfig) -> RunResult:
   """Runs (or resumes) one training run and returns its history."""
   run = build(cfg)
   n_params, opt_bytes, adamw_bytes = report_memory(run)
-  batches, schedule = run.batches, run.schedule
+  schedule = run.schedule
   checkpointer = Checkpointer(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-  resumed = cfg.resume and checkpointer is not None and checkpointer.latest_step() is not None
-  if resumed:
-    state, record = checkpointer.restore(run.restore_target())
-    if record['config']['model'] != cfg.model or record['config']['optimizer'] != cfg.optimizer:
-      raise ValueError(
-        f'--resume: {cfg.checkpoint_dir} holds a {record["config"]["model"]} / '
-        f'{record["config"]["optimizer"]} run'
-      )
-    position = record['data_position']
-    print(f'resumed from step {int(state.step)} (data position {position})', flush=True)
-  else:
-    state = run.init_state()
-    position = 0
+  state, position, resumed = starting_point(run, checkpointer)
 
   out_dir = cfg.out_dir or os.path.join('runs', f'{cfg.model}-{cfg.optimizer}')
-  writer = MetricsWriter(out_dir, append=resumed)
-  val_batches = batches.validation(cfg.eval_batches)
+  writer = MetricsWriter(out_dir, append=resumed) if distributed.is_primary() else None
+  val_batches = run.validation_batches()
   tokens_per_micro_step = cfg.batch_size * cfg.seq_len
   micro_steps = cfg.steps * cfg.grad_accum
   history: list[dict] = []
@@ -408,7 +472,7 @@ def train(cfg: TrainConfig) -> RunResult:
           f'Last good checkpoint: {where}'
         )
       record['skipped'] = True
-      (progress.write if progress is not None else print)(f'{problem}: step skipped')
+      note(f'{problem}: step skipped')
     # Steps after the first (which compiles) are timed; this one is done now.
     elapsed = time.perf_counter() - timer['start']
     timed = (micro_step - timer['first']) * tokens_per_micro_step
@@ -423,16 +487,23 @@ def train(cfg: TrainConfig) -> RunResult:
     if val_loss is not None:
       record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
     history.append(record)
-    writer.write(record)
+    if writer is not None:
+      writer.write(record)
     summary = f'loss {record["loss"]:.3f} {record["tokens_per_sec"]:,.0f} tok/s'
     if progress is not None:
       progress.set_postfix_str(summary)
     if val_loss is not None:
-      line = f'step {step}: {summary}, val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})'
-      (progress.write if progress is not None else print)(line)
+      note(f'step {step}: {summary}, val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})')
+
+  def note(line: str) -> None:
+    """A line above the progress bar, or printed (process 0)."""
+    if progress is not None:
+      progress.write(line)
+    else:
+      say(line)
 
   progress = None
-  if cfg.progress:
+  if cfg.progress and distributed.is_primary():
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal, nothing in a log file.
@@ -447,7 +518,7 @@ def train(cfg: TrainConfig) -> RunResult:
   lagged = None  # the previous step's (micro step, metrics), read one step late
   try:
     while position < micro_steps:
-      state, metrics = run.step_fn(state, *batches.batch(position))
+      state, metrics = run.step_fn(state, *run.train_batch(position))
       position += 1
       if timer['start'] is None:  # the first step compiles: time from its end
         jax.block_until_ready(state)
@@ -477,7 +548,8 @@ def train(cfg: TrainConfig) -> RunResult:
   finally:
     if progress is not None:
       progress.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
     if checkpointer is not None:
       checkpointer.close()
 
@@ -514,50 +586,58 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-  """Parses and validates the command line; bad values exit with one line."""
+def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, distributed.Cluster]:
+  """Parses and checks the command line without touching a device.
+
+  Bad values exit with one line and status 2.
+  """
   parser = build_parser()
   cfg = TrainConfig(**vars(parser.parse_args(argv)))
-  problems = validate(cfg)
+  cluster, cluster_problems = distributed.cluster_from(
+    cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed
+  )
+  problems = validation.config_problems(cfg) + cluster_problems
   if problems:
     parser.error(problems[0])
-  return cfg
+  return cfg, cluster
 
 
 def validate(cfg: TrainConfig) -> list[str]:
   """Problems with a config that can be found before any work."""
-  problems = []
-  if cfg.optimizer not in optimizers.REGISTRY:
-    problems.append(
-      f'unknown --optimizer {cfg.optimizer!r}; choose one of {", ".join(optimizers.REGISTRY)}'
-    )
-  if cfg.model not in CONFIGS:
-    problems.append(f'unknown --model {cfg.model!r}; choose one of {", ".join(CONFIGS)}')
-  if cfg.data is not None and not cfg.data.startswith('hf:'):
-    try:
-      data_lib.read_files(cfg.data)
-    except data_lib.DataError as e:
-      problems.append(f'--data: {e}')
+  return validation.config_problems(cfg) + mesh_problems(cfg)
+
+
+def mesh_problems(cfg: TrainConfig) -> list[str]:
+  """Problems with ``--mesh`` on the devices at hand (starts the JAX backend)."""
   try:
     parse_mesh(cfg.mesh)
   except ValueError as e:
-    problems.append(str(e))
-  for name in ('steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'checkpoint_every'):
-    if getattr(cfg, name) < 1:
-      problems.append(f'--{name.replace("_", "-")} must be >= 1, got {getattr(cfg, name)}')
-  return problems
+    return [str(e)]
+  return []
 
 
 def main(argv: list[str] | None = None) -> int:
-  cfg = config_from_args(argv)
+  cfg, cluster = config_from_args(argv)
+  try:
+    distributed.join(cluster)
+  except (RuntimeError, ValueError) as e:
+    print(
+      f'error: could not join a cluster ({e}); where JAX cannot detect it, pass '
+      '--coordinator, --num-processes and --process-id',
+      file=sys.stderr,
+    )
+    return 1
+  problems = mesh_problems(cfg)
+  if problems:
+    build_parser().error(problems[0])
   try:
     result = train(cfg)
-  except (ValueError, TrainingError) as e:
+  except (ValueError, OSError, TrainingError, CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   final = [r for r in result.history if 'val_loss' in r]
   if final:
-    print(
+    say(
       f'final val loss {final[-1]["val_loss"]:.4f} (ppl {final[-1]["val_ppl"]:.2f}), '
       f'{result.tokens_per_second:,.0f} tokens/s'
     )
