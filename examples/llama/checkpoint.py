@@ -149,7 +149,8 @@ def _quiet_failed_reads() -> None:
   """Keeps the echoes of damaged steps off stderr (installed once, by ``Checkpointer``).
 
   A damaged step is reported once, in one line, by ``restore``. Dropped are
-  the after-effects of a failed read (``_echoes_a_failed_read``) and orbax's
+  the after-effects of a failed read (``_echoes_a_failed_read``, and asyncio's
+  log of an orbax read task whose exception nobody retrieved) and orbax's
   warning, while listing steps, that a step's metadata file is missing; every
   other unraisable error and log record still goes through.
   """
@@ -160,6 +161,13 @@ def _quiet_failed_reads() -> None:
   logging.getLogger('absl').addFilter(
     lambda record: not record.getMessage().startswith('Metadata file does not exist')
   )
+  logging.getLogger('asyncio').addFilter(lambda record: not _orphaned_orbax_read(record))
+
+
+def _orphaned_orbax_read(record: logging.LogRecord) -> bool:
+  """Whether asyncio logs an orbax read task whose exception nobody retrieved."""
+  message = record.getMessage()
+  return message.startswith('Task exception was never retrieved') and 'orbax' in message
 
 
 def _agree(problem: str | None) -> str | None:

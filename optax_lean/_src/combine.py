@@ -37,7 +37,10 @@ def scale_by_ratio(
   is :math:`g / D(g)` (e.g. ``scale_by_subset_norm``), the result is
 
   .. math::
-    u = N(g) / D(g).
+    u = N(g) / D(g),
+
+  in the gradient's dtype (a float32 momentum of bfloat16 gradients gives
+  bfloat16 updates).
 
   This is how Adam-type optimizers are built from parts: AdamSNSM is
   ``scale_by_ratio(scale_by_subspace_momentum(...), scale_by_subset_norm(...))``.
@@ -82,6 +85,7 @@ def scale_by_ratio(
     ratio, denominator_state = denominator.update(
       updates, state.denominator, params, numerator=top, **extra_args
     )
+    ratio = optax.tree.cast_like(ratio, updates)
     return ratio, ScaleByRatioState(numerator_state, denominator_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -318,13 +318,13 @@ def online_subspace_descent(
     >>> loss = lambda p: jnp.sum((jnp.ones(8) @ p['w'] + p['b'] - 1.0) ** 2)
     >>> schedule = optax.linear_schedule(1e-2, 1e-3, 100)
     >>> tx = optax_lean.online_subspace_descent(
-    ...     schedule, rank=2, update_proj_gap=10, base_learning_rate=1e-2)
+    ...     schedule, rank=1, update_proj_gap=10, base_learning_rate=1e-2)
     >>> state = tx.init(params)
     >>> for _ in range(3):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> print(f'{loss(params):.2f}')
-    192.55
+    192.69
 
   References:
     Liang et al., `Memory-Efficient LLM Training with Online Subspace Descent
