@@ -1,6 +1,6 @@
 """Optimizer-state memory at the papers' LLaMA sizes, from jax.eval_shape.
 
-    python -m benchmarks.memory [--sizes 60m,1b] [--out docs/memory.md]
+    python -m benchmarks.memory [--sizes 60m,1b] [--bytes] [--out docs/memory.md]
 
 Nothing is allocated: states are traced with ``jax.eval_shape`` on the LLaMA
 parameter shapes of ``examples/llama`` (untied head, vocabulary 32000). Every
@@ -121,7 +121,11 @@ def measure(row: Row, size: str, params) -> tuple[int, int]:
   return optax_lean.state_bytes(state), sum(v for k, v in kinds.items() if k in MOMENTS)
 
 
-def table(sizes: list[str]) -> str:
+def amount(n: int, in_bytes: bool) -> str:
+  return f'{n:,} B' if in_bytes else f'{n / GIB:.3f} GiB'
+
+
+def table(sizes: list[str], in_bytes: bool = False) -> str:
   lines = []
   for dtype in (jnp.float32, jnp.bfloat16):
     name = jnp.dtype(dtype).name
@@ -142,10 +146,10 @@ def table(sizes: list[str]) -> str:
           if published and dtype == jnp.bfloat16 and not row.paper_count
           else ''
         )
-        cells.append(f'{total / GIB:.3f} GiB, {total / adamw[size]:.1%}{note}')
+        cells.append(f'{amount(total, in_bytes)}, {total / adamw[size]:.1%}{note}')
         if row.paper_count:
           note = f' (paper {published:.3f})' if published and dtype == jnp.bfloat16 else ''
-          paper_cells.append(f'{moments / GIB:.3f} GiB, {moments / adamw[size]:.1%}{note}')
+          paper_cells.append(f'{amount(moments, in_bytes)}, {moments / adamw[size]:.1%}{note}')
       lines.append(
         f'| {row.label}, everything counted | ' + ' | '.join(cells) + ' |'
         if row.paper_count
@@ -161,9 +165,10 @@ def table(sizes: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--sizes', default='60m,130m,350m,1b,7b')
+  parser.add_argument('--bytes', action='store_true', help='exact bytes instead of GiB')
   parser.add_argument('--out', default=None, help='also write the table to this file')
   args = parser.parse_args(argv)
-  text = table(args.sizes.split(','))
+  text = table(args.sizes.split(','), args.bytes)
   print(text)
   if args.out:
     with open(args.out, 'w') as f:
