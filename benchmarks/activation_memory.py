@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from jax import ad_checkpoint
 
+from benchmarks import report
 from examples.llama import train as train_lib
 
 MB = 1e6
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     )
   text = '\n'.join(lines)
   print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
+  report.write([text], args.out)
 
 
 if __name__ == '__main__':

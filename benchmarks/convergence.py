@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from benchmarks import report
 from examples.llama import compare
 from examples.llama import train as train_lib
 
@@ -128,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
   if args.study:
     sections.append(study(base, args.out_dir, done))
     print(sections[-1], flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write('\n\n'.join(sections) + '\n')
+  report.write(sections, args.out)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 import optax_lean
+from benchmarks import report
 from examples.llama import optimizers
 from examples.llama.configs import get_config
 from examples.llama.model import Llama
@@ -170,9 +171,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   text = table(args.sizes.split(','), args.bytes)
   print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
+  report.write([text], args.out)
 
 
 if __name__ == '__main__':

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import report
 from benchmarks.memory import abstract_params
 from examples.llama import optimizers
 from examples.llama import train as train_lib
@@ -185,9 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
       parser.error(f'unknown part {part!r}')
     print(sections[-1] + '\n', flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write('\n\n'.join(sections) + '\n')
+  report.write(sections, args.out)
 
 
 if __name__ == '__main__':
