@@ -11,6 +11,7 @@ from optax_lean._src.dimension_numbers import DimensionNumbers, default_mask
 from optax_lean._src.galore import ScaleByGaLoreState, galore, scale_by_galore
 from optax_lean._src.ldadam import ScaleByLDAdamState, ldadam, scale_by_ldadam
 from optax_lean._src.memory import state_bytes, state_bytes_by_kind, state_bytes_by_leaf
+from optax_lean._src.nnx_layouts import nnx_dimension_numbers
 from optax_lean._src.online_subspace import (
   ScaleByOnlineSubspaceDescentState,
   online_subspace_descent,
@@ -60,6 +61,7 @@ __all__ = (
   'default_mask',
   'galore',
   'ldadam',
+  'nnx_dimension_numbers',
   'online_subspace_descent',
   'rmsprop_sn',
   'rso',

@@ -22,6 +22,7 @@ SECTION = re.compile(r'^(Args|Attributes|Examples|Raises|References|Returns):$')
 # Helpers that implement no published method, so they cite no paper.
 NO_PAPER = {
   'default_mask',
+  'nnx_dimension_numbers',
   'state_bytes',
   'state_bytes_by_kind',
   'state_bytes_by_leaf',

@@ -122,10 +122,10 @@ def test_plain_leaves_are_huggingface_adam():
 @pytest.mark.parametrize(
   'factory',
   [
-    lambda: optax_lean.adamsnsm(1e-2, b1=0.0, rank=2),
-    lambda: optax_lean.sgd_sm(1e-2, b1=0.0, rank=2),
-    lambda: optax_lean.adamsn(1e-2, b1=0.0),
-    lambda: optax_lean.adagrad_sn(1e-2, b1=0.0),
+    lambda: optax_lean.adamsnsm(1e-2, b1=0.0, rank=2, dimension_numbers=DIMS),
+    lambda: optax_lean.sgd_sm(1e-2, b1=0.0, rank=2, dimension_numbers=DIMS),
+    lambda: optax_lean.adamsn(1e-2, b1=0.0, dimension_numbers=DIMS),
+    lambda: optax_lean.adagrad_sn(1e-2, b1=0.0, dimension_numbers=DIMS),
   ],
 )
 def test_no_momentum_state_when_b1_is_zero(factory):

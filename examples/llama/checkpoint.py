@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -165,9 +166,24 @@ def _quiet_failed_reads() -> None:
 
 
 def _orphaned_orbax_read(record: logging.LogRecord) -> bool:
-  """Whether asyncio logs an orbax read task whose exception nobody retrieved."""
+  """Whether asyncio logs an orbax read whose exception nobody retrieved.
+
+  The orphan is a ``Task`` (its repr names orbax's coroutine) or a
+  ``_GatheringFuture`` of such reads (its exception's traceback runs through
+  orbax).
+  """
   message = record.getMessage()
-  return message.startswith('Task exception was never retrieved') and 'orbax' in message
+  if 'exception was never retrieved' not in message.split('\n', 1)[0]:
+    return False
+  if 'orbax' in message:
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  while error is not None:
+    frames = traceback.extract_tb(error.__traceback__)
+    if any('orbax' in frame.filename for frame in frames):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _agree(problem: str | None) -> str | None:

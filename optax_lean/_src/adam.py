@@ -11,7 +11,8 @@ root of the corrected one:
   d_\\text{torch} = \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v_t / (1-\\beta_2^t)} + \\epsilon}.
 
 The helper works on moments of any shape (full, low-rank, a projector's), so
-every optimizer of the family shares one implementation of Adam.
+every optimizer of the family shares one implementation of Adam. As in optax,
+complex gradients are supported: the second moment averages :math:`|g|^2`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from optax_lean._src import sharding
+from optax_lean._src import dtypes
 
 FLAVOURS = ('hf', 'torch')
 
@@ -38,9 +39,9 @@ def adam_step(
   """Updates the moments with ``g`` and returns ``(direction, mu, nu)``.
 
   Args:
-    g: The gradient (or its projection), in any float dtype.
-    mu: First moment, of ``g``'s shape, in any float dtype.
-    nu: Second moment, likewise.
+    g: The gradient (or its projection), in any float or complex dtype.
+    mu: First moment, of ``g``'s shape, in any float or complex dtype.
+    nu: Second moment, of ``g``'s shape, real.
     count_inc: The 1-based step ``t`` of the bias corrections.
     b1: First-moment decay.
     b2: Second-moment decay.
@@ -48,18 +49,21 @@ def adam_step(
     flavour: ``'hf'`` or ``'torch'`` (see the module docstring).
 
   Returns:
-    The bias-corrected direction and the new moments, in float32 (float64 if
-    any input is): the caller casts them back to their storage dtypes.
+    The bias-corrected direction and the new moments in their compute dtype
+    (``dtypes.compute_dtype``; the second moment in its real counterpart):
+    the caller casts them back to their storage dtypes.
   """
-  dtype = sharding.compute_dtype(g.dtype, mu.dtype, nu.dtype)
+  dtype = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype)
+  real = dtypes.real_dtype(dtype)
   g = g.astype(dtype)
-  b1, b2, eps = (jnp.asarray(x, dtype) for x in (b1, b2, eps))
-  mu = b1 * mu.astype(dtype) + (1 - b1) * g
-  nu = b2 * nu.astype(dtype) + (1 - b2) * jnp.square(g)
-  t = count_inc.astype(dtype)
+  b1, b2, eps = (jnp.asarray(x, real) for x in (b1, b2, eps))
+  mu = b1.astype(dtype) * mu.astype(dtype) + (1 - b1).astype(dtype) * g
+  nu = b2 * dtypes.store(nu, real) + (1 - b2) * dtypes.abs_sq(g)
+  t = count_inc.astype(real)
   correction1, correction2 = 1 - b1**t, 1 - b2**t
   if flavour == 'hf':
-    direction = jnp.sqrt(correction2) / correction1 * (mu / (jnp.sqrt(nu) + eps))
+    scale = jnp.sqrt(correction2) / correction1
+    direction = scale.astype(dtype) * (mu / (jnp.sqrt(nu) + eps).astype(dtype))
   else:
-    direction = (mu / correction1) / (jnp.sqrt(nu / correction2) + eps)
+    direction = (mu / correction1.astype(dtype)) / (jnp.sqrt(nu / correction2) + eps).astype(dtype)
   return direction, mu, nu

@@ -41,12 +41,12 @@ def adamsnsm(
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-6,
   weight_decay: chex.Numeric = 0.0,
-  rank: int = 128,
+  *,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   projector: str | Projector = 'svd',
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
-  *,
   momentum_on_refresh: str = 'official',
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -82,7 +82,8 @@ def adamsnsm(
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the uncorrected second moment, ``>= 0``.
     weight_decay: Decoupled weight decay, applied after the update.
-    rank: Subspace rank (clipped, with a warning, to each matrix's limit).
+    rank: ``None`` (default: 128) or the subspace rank (clipped, with a warning,
+      to each matrix's limit).
     update_proj_gap: Steps between projector refreshes.
     projector: ``'svd'``, ``'randomized_svd'``, ``'random'``, ``'uniform'``,
       ``'topk'`` or a ``Projector`` (see ``scale_by_subspace_momentum``).
@@ -95,7 +96,8 @@ def adamsnsm(
     dimension_numbers: How selected leaves read as ``(…, in, out)``; see
       ``DimensionNumbers``.
     mu_dtype: Momentum dtype (default: the parameter's).
-    nu_dtype: Second-moment dtype (default: the parameter's).
+    nu_dtype: Second-moment dtype (default: the parameter's, real for
+      complex parameters).
     projector_dtype: Stored-basis dtype (default: the parameter's).
     seed: Seed of the randomized projectors.
     weight_decay_mask: Leaves to decay (default: all).
@@ -122,6 +124,7 @@ def adamsnsm(
     Subspace-Momentum with Convergence Guarantees
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
+  rank = 128 if rank is None else rank
   checks.in_interval('b2', b2, 0.0, 1.0)
   core = scale_by_ratio(
     scale_by_subspace_momentum(
@@ -156,9 +159,9 @@ def adamsn(
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-6,
   weight_decay: chex.Numeric = 0.0,
+  *,
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
-  *,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
@@ -189,7 +192,8 @@ def adamsn(
     mask: Leaves that get SN (default: 2-D leaves without ``embed``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: Momentum dtype (default: the parameter's).
-    nu_dtype: Second-moment dtype (default: the parameter's).
+    nu_dtype: Second-moment dtype (default: the parameter's, real for
+      complex parameters).
     weight_decay_mask: Leaves to decay (default: all).
 
   Returns:
@@ -228,9 +232,9 @@ def rmsprop_sn(
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-6,
   weight_decay: chex.Numeric = 0.0,
+  *,
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
-  *,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
   weight_decay_mask: Any | None = None,
@@ -253,7 +257,8 @@ def rmsprop_sn(
     subset_size: ``'heuristic'`` or a non-zero int.
     mask: Leaves that get SN (default: 2-D leaves without ``embed``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
-    nu_dtype: Second-moment dtype (default: the parameter's).
+    nu_dtype: Second-moment dtype (default: the parameter's, real for
+      complex parameters).
     weight_decay_mask: Leaves to decay (default: all).
 
   Returns:
@@ -288,9 +293,9 @@ def adagrad_sn(
   b1: chex.Numeric = 0.9,
   eps: chex.Numeric = 1e-6,
   weight_decay: chex.Numeric = 0.0,
+  *,
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
-  *,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
@@ -314,7 +319,8 @@ def adagrad_sn(
     mask: Leaves that get SN (default: 2-D leaves without ``embed``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: Momentum dtype (default: the parameter's).
-    nu_dtype: Accumulator dtype (default: the parameter's).
+    nu_dtype: Accumulator dtype (default: the parameter's, real for
+      complex parameters).
     weight_decay_mask: Leaves to decay (default: all).
 
   Returns:
@@ -351,12 +357,12 @@ def adagrad_snsm(
   b1: chex.Numeric = 0.9,
   eps: chex.Numeric = 1e-6,
   weight_decay: chex.Numeric = 0.0,
-  rank: int = 128,
+  *,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   subset_size: SubsetSize = 'heuristic',
   projector: str | Projector = 'svd',
   mask: MaskOrFn | None = None,
-  *,
   momentum_on_refresh: str = 'official',
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -381,7 +387,7 @@ def adagrad_snsm(
     b1: Momentum decay, in ``[0, 1)``.
     eps: Added to the root of the accumulator.
     weight_decay: Decoupled weight decay, applied after the update.
-    rank: Subspace rank.
+    rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: Steps between projector refreshes.
     subset_size: ``'heuristic'`` or a non-zero int.
     projector: See ``scale_by_subspace_momentum``.
@@ -389,7 +395,8 @@ def adagrad_snsm(
     momentum_on_refresh: ``'official'``, ``'reset'``, ``'keep'`` or ``'rotate'``.
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: Momentum dtype (default: the parameter's).
-    nu_dtype: Accumulator dtype (default: the parameter's).
+    nu_dtype: Accumulator dtype (default: the parameter's, real for
+      complex parameters).
     projector_dtype: Stored-basis dtype (default: the parameter's).
     seed: Seed of the randomized projectors.
     weight_decay_mask: Leaves to decay (default: all).
@@ -409,6 +416,7 @@ def adagrad_snsm(
     Subspace-Momentum with Convergence Guarantees
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
+  rank = 128 if rank is None else rank
   core = scale_by_ratio(
     scale_by_subspace_momentum(
       b1,
@@ -438,11 +446,11 @@ def sgd_sm(
   learning_rate: optax.ScalarOrSchedule,
   b1: chex.Numeric = 0.9,
   weight_decay: chex.Numeric = 0.0,
-  rank: int = 128,
+  *,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   projector: str | Projector = 'svd',
   mask: MaskOrFn | None = None,
-  *,
   momentum_on_refresh: str = 'official',
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -461,7 +469,7 @@ def sgd_sm(
     learning_rate: A float or an ``optax`` schedule.
     b1: Momentum decay, in ``[0, 1)``.
     weight_decay: Decoupled weight decay, applied after the update.
-    rank: Subspace rank.
+    rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: Steps between projector refreshes.
     projector: See ``scale_by_subspace_momentum``.
     mask: Leaves that get SM (default: 2-D leaves without ``embed``).
@@ -487,6 +495,7 @@ def sgd_sm(
     Subspace-Momentum with Convergence Guarantees
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
+  rank = 128 if rank is None else rank
   core = scale_by_subspace_momentum(
     b1,
     rank,

@@ -2,8 +2,8 @@
 
 Only concrete Python numbers are checked: under ``optax.inject_hyperparams``
 the floats arrive as traced arrays and must stay free of Python branching.
-Shape-defining integers (``rank``, ``update_proj_gap``, ``subset_size``) are
-always concrete and always checked.
+Shape-defining integers (``rank``, an integer ``subset_size``) must be concrete
+Python ints; an array there gets an error that says how to keep it static.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def _is_concrete(value: Any) -> bool:
@@ -40,12 +44,45 @@ def non_negative(name: str, value: Any) -> None:
     raise ValueError(f'{name} must be >= 0, got {value}.')
 
 
-def positive_int(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is an ``int`` >= 1."""
+def positive_int(name: str, value: Any, *, static_args: tuple[str, ...] | None = None) -> None:
+  """Raises ``ValueError`` unless ``value`` is a Python ``int`` >= 1.
+
+  For shape-defining integers (``rank``): an array here is what
+  ``optax.inject_hyperparams`` makes of a number it was not told is static;
+  the error then names the ``static_args`` to pass (default: ``name`` and
+  ``update_proj_gap``, for the methods that refresh).
+  """
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    raise static_error(name, 'a Python int >= 1', static_args or (name, 'update_proj_gap'))
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
   if value < 1:
     raise ValueError(f'{name} must be an int >= 1, got {value}.')
+
+
+def static_error(name: str, expected: str, static_args: tuple[str, ...]) -> ValueError:
+  """The error for an array where a static Python value is needed."""
+  return ValueError(
+    f'{name} must be {expected}, got an array: it sets state shapes, and '
+    'optax.inject_hyperparams turns numbers into arrays unless told otherwise; pass '
+    f'static_args={static_args!r}.'
+  )
+
+
+def positive_count(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is an int >= 1 or an integer array.
+
+  For integers used only in traced arithmetic (``update_proj_gap``), which
+  ``optax.inject_hyperparams`` may turn into arrays; a concrete value is still
+  checked.
+  """
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    if not jnp.issubdtype(jnp.result_type(value), jnp.integer) or jnp.ndim(value) != 0:
+      raise ValueError(f'{name} must be an int >= 1 or an integer scalar, got {value!r}.')
+    if not isinstance(value, jax.core.Tracer) and int(value) < 1:
+      raise ValueError(f'{name} must be an int >= 1, got {int(value)}.')
+    return
+  positive_int(name, value)
 
 
 def one_of(name: str, value: Any, choices: Iterable[str]) -> None:

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lean._src import checks
+from optax_lean._src import checks, dtypes
+from optax_lean._src import warn as warn_lib
 
 
 class ScaleByRatioState(NamedTuple):
@@ -78,9 +79,11 @@ def scale_by_ratio(
   numerator = optax.with_extra_args_support(numerator)
 
   def init_fn(params):
-    return ScaleByRatioState(numerator.init(params), denominator.init(params))
+    with warn_lib.once():  # both parts see the same leaves
+      return ScaleByRatioState(numerator.init(params), denominator.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    updates = dtypes.as_arrays(updates)
     top, numerator_state = numerator.update(updates, state.numerator, params, **extra_args)
     ratio, denominator_state = denominator.update(
       updates, state.denominator, params, numerator=top, **extra_args
@@ -122,13 +125,15 @@ def add_decayed_weights_after_update(
   \lambda u`.
 
   Args:
-    learning_rate: The same learning rate (or schedule) as the update's.
+    learning_rate: The same learning rate (or schedule) as the update's;
+      ``None`` (no learning-rate scaling) only with ``weight_decay=0``.
     weight_decay: Decay strength :math:`\lambda`.
     mask: A pytree (or prefix) of bools, or a callable returning one, choosing
       the leaves to decay. Default: all.
 
   Returns:
-    An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+    An ``optax.GradientTransformation``; its ``update`` needs ``params`` unless
+    ``weight_decay`` is a plain ``0``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_lean
@@ -145,23 +150,35 @@ def add_decayed_weights_after_update(
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019
   """
 
+  checks.non_negative('weight_decay', weight_decay)
+  no_decay = checks.is_zero(weight_decay)
+  if learning_rate is None and not no_decay:
+    raise ValueError(
+      'learning_rate=None (no learning-rate scaling) needs weight_decay=0: weight decay '
+      'after the update is scaled by the learning rate.'
+    )
+
   def init_fn(params):
     del params
     return AddDecayedWeightsAfterUpdateState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
+    new_state = AddDecayedWeightsAfterUpdateState(count=optax.safe_increment(state.count))
+    if no_decay:
+      return updates, new_state
     if params is None:
       raise ValueError(
-        'add_decayed_weights_after_update needs params: call update(updates, state, params).'
+        'add_decayed_weights_after_update needs params when weight_decay may be non-zero: '
+        'call update(updates, state, params).'
       )
     step_size = learning_rate(state.count) if callable(learning_rate) else learning_rate
 
     def decay(u, p):
       scale = jnp.asarray(step_size * weight_decay, u.dtype)
-      return u - scale * (p.astype(u.dtype) + u)
+      return u - scale * (jnp.asarray(p).astype(u.dtype) + u)
 
     updates = jax.tree.map(decay, updates, params)
-    return updates, AddDecayedWeightsAfterUpdateState(count=optax.safe_increment(state.count))
+    return updates, new_state
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
@@ -174,7 +191,6 @@ def chain_with_decay_after_update(
   mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``core``, then the learning rate, then decay after the update (HF order)."""
-  checks.non_negative('weight_decay', weight_decay)
   return optax.chain(
     core,
     optax.scale_by_learning_rate(learning_rate),
@@ -191,11 +207,13 @@ def chain_with_decay_before_update(
   """``core``, decay of the pre-update parameters, then the learning rate.
 
   :math:`p \\leftarrow p - \\eta_t (u + \\lambda p) = p(1 - \\eta_t\\lambda) -
-  \\eta_t u`: the order of ``torch.optim.AdamW`` and ``optax.adamw``.
+  \\eta_t u`: the order of ``torch.optim.AdamW`` and ``optax.adamw``. With a
+  plain ``weight_decay=0`` the decay is an identity with the same (empty)
+  state, so ``update`` then needs no ``params``.
   """
   checks.non_negative('weight_decay', weight_decay)
-  return optax.chain(
-    core,
-    optax.add_decayed_weights(weight_decay, mask),
-    optax.scale_by_learning_rate(learning_rate),
-  )
+  if checks.is_zero(weight_decay):
+    decay = optax.identity() if mask is None else optax.masked(optax.identity(), mask)
+  else:
+    decay = optax.add_decayed_weights(weight_decay, mask)
+  return optax.chain(core, decay, optax.scale_by_learning_rate(learning_rate))

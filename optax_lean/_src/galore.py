@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, sharding
+from optax_lean._src import checks, dtypes, sharding
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.adam import adam_step
 from optax_lean._src.combine import chain_with_decay_after_update
@@ -69,7 +69,7 @@ def adam_states(
   mus, nus, projs = [], [], []
   for p, plan in zip(jax.tree.leaves(params), plans):
     m_dtype = p.dtype if mu_dtype is None else mu_dtype
-    v_dtype = p.dtype if nu_dtype is None else nu_dtype
+    v_dtype = dtypes.second_moment_dtype(p.dtype, nu_dtype)
     if plan is None:
       mus.append(otu.zeros_like(p, dtype=m_dtype))
       nus.append(otu.zeros_like(p, dtype=v_dtype))
@@ -112,7 +112,8 @@ def scale_by_subspace_adam(
     b1: First-moment decay.
     b2: Second-moment decay.
     eps: Adam's offset, in the ``flavour``'s place.
-    rank: Subspace rank (clipped, with a warning, to each matrix's limit).
+    rank: ``None`` (default: 128) or the subspace rank (clipped, with a warning,
+      to each matrix's limit).
     update_proj_gap: Steps between refreshes, or ``None`` for a projector
       set at the first step only.
     scale: Factor on the back-projected direction of selected leaves.
@@ -124,7 +125,8 @@ def scale_by_subspace_adam(
     mask: Leaves that get a subspace (default: ``default_mask``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
-    nu_dtype: Second-moment dtype (default: the leaf's).
+    nu_dtype: Second-moment dtype (default: the leaf's, real for
+      complex leafs).
     projector_dtype: Stored-basis dtype (default: the leaf's).
     seed: Seed of random projectors.
 
@@ -133,7 +135,7 @@ def scale_by_subspace_adam(
   """
   checks.positive_int('rank', rank)
   if update_proj_gap is not None or restart:
-    checks.positive_int('update_proj_gap', update_proj_gap)
+    checks.positive_count('update_proj_gap', update_proj_gap)
   validate_adam(b1, b2, eps)
 
   def plans(tree, warn=False):
@@ -145,12 +147,13 @@ def scale_by_subspace_adam(
     return refresh_due(count, update_proj_gap)
 
   def init_fn(params):
+    params = dtypes.as_arrays(params)
     states = adam_states(params, plans(params, warn=True), mu_dtype, nu_dtype, projector_dtype)
     treedef = jax.tree.structure(params)
     return state_type(jnp.zeros([], jnp.int32), *(jax.tree.unflatten(treedef, xs) for xs in states))
 
   def update_matrix(g, mu, nu, proj_state, plan, leaf_index, count):
-    dtype = sharding.compute_dtype(g.dtype, mu.dtype, nu.dtype)
+    dtype = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype)
     count_inc = optax.safe_increment(count)
     g_a = plan.rows(g)
 
@@ -175,6 +178,7 @@ def scale_by_subspace_adam(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    updates = dtypes.as_arrays(updates)
     leaves, treedef = jax.tree.flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
@@ -204,7 +208,7 @@ def scale_by_galore(
   b1: chex.Numeric = 0.9,
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-6,
-  rank: int = 128,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   scale: chex.Numeric = 0.25,
   projector: str | proj_lib.Projector = 'svd',
@@ -243,7 +247,7 @@ def scale_by_galore(
     b1: First-moment decay, in ``[0, 1)``.
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the uncorrected second moment, ``>= 0``.
-    rank: Subspace rank ``r >= 1`` (clipped, with a warning, to
+    rank: ``None`` (default: 128) or the subspace rank ``r >= 1`` (clipped, with a warning, to
       ``min(in, out)``).
     update_proj_gap: Steps ``T >= 1`` between basis refreshes.
     scale: :math:`\alpha`, the factor on projected leaves' updates.
@@ -257,7 +261,8 @@ def scale_by_galore(
     dimension_numbers: How selected leaves read as ``(…, in, out)``; see
       ``DimensionNumbers``.
     mu_dtype: First-moment dtype (default: the leaf's).
-    nu_dtype: Second-moment dtype (default: the leaf's).
+    nu_dtype: Second-moment dtype (default: the leaf's, real for
+      complex leafs).
     projector_dtype: Stored-basis dtype (default: the leaf's).
     seed: Seed of the random projectors.
 
@@ -278,6 +283,7 @@ def scale_by_galore(
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024
   """
+  rank = 128 if rank is None else rank
   return scale_by_subspace_adam(
     b1,
     b2,
@@ -301,12 +307,12 @@ def galore(
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-6,
   weight_decay: chex.Numeric = 0.0,
-  rank: int = 128,
+  *,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   scale: chex.Numeric = 0.25,
   projector: str | proj_lib.Projector = 'svd',
   mask: MaskOrFn | None = None,
-  *,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
@@ -347,7 +353,7 @@ def galore(
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the uncorrected second moment, ``>= 0``.
     weight_decay: Decoupled weight decay, ``>= 0``, applied after the update.
-    rank: Subspace rank.
+    rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: Steps between basis refreshes.
     scale: Factor on projected leaves' updates.
     projector: ``'svd'``, ``'randomized_svd'``, ``'random'`` or a
@@ -355,7 +361,8 @@ def galore(
     mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the parameter's).
-    nu_dtype: Second-moment dtype (default: the parameter's).
+    nu_dtype: Second-moment dtype (default: the parameter's, real for
+      complex parameters).
     projector_dtype: Stored-basis dtype (default: the parameter's).
     seed: Seed of the random projectors.
     weight_decay_mask: Leaves to decay (default: all).
@@ -381,6 +388,7 @@ def galore(
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024
   """
+  rank = 128 if rank is None else rank
   core = scale_by_galore(
     b1,
     b2,

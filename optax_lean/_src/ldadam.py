@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, sharding
+from optax_lean._src import checks, dtypes, sharding
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.adam import adam_step
 from optax_lean._src.combine import chain_with_decay_before_update
@@ -60,7 +60,7 @@ def scale_by_ldadam(
   b1: chex.Numeric = 0.908,
   b2: chex.Numeric = 0.99,
   eps: chex.Numeric = 1e-8,
-  rank: int = 16,
+  rank: int | None = None,
   rho: chex.Numeric = 0.908,
   *,
   error_feedback: bool = True,
@@ -115,7 +115,7 @@ def scale_by_ldadam(
     b1: First-moment decay, in ``[0, 1)``.
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the corrected second moment, ``>= 0``.
-    rank: Subspace rank ``r >= 1``, clipped (with a warning) to
+    rank: ``None`` (default: 16) or the subspace rank ``r >= 1``, clipped (with a warning) to
       ``min(in, out)``; the official code raises instead.
     rho: Weight of the momentum in the matrix the subspace tracks, in
       ``[0, 1)``.
@@ -128,7 +128,8 @@ def scale_by_ldadam(
       the official scripts select the attention and MLP kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
-    nu_dtype: Second-moment dtype (default: the leaf's).
+    nu_dtype: Second-moment dtype (default: the leaf's, real for
+      complex leafs).
     projector_dtype: Basis dtype (default: the leaf's).
     error_dtype: Error-buffer dtype (default: the leaf's).
 
@@ -147,15 +148,19 @@ def scale_by_ldadam(
     Robert et al., `LDAdam: Adaptive Optimization from Low-Dimensional
     Gradient Statistics <https://arxiv.org/abs/2410.16103>`_, ICLR 2025
   """
+  rank = 16 if rank is None else rank
   validate_adam(b1, b2, eps)
-  checks.positive_int('rank', rank)
+  checks.positive_int('rank', rank, static_args=('rank',))
   checks.in_interval('rho', rho, 0.0, 1.0)
   projector = _ldadam_projector(projector)
 
   def plans(tree, warn=False):
-    return plan_subspaces(tree, projector, rank, mask, dimension_numbers, warn=warn)
+    return plan_subspaces(
+      tree, projector, rank, mask, dimension_numbers, warn=warn, real_only='ldadam'
+    )
 
   def init_fn(params):
+    params = dtypes.as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     leaf_plans = plans(params, warn=True)
     mus, nus, projs = adam_states(params, leaf_plans, mu_dtype, nu_dtype, projector_dtype)
@@ -175,7 +180,7 @@ def scale_by_ldadam(
     )
 
   def update_matrix(g, mu, nu, old, error, plan, leaf_index, count):
-    dtype = sharding.compute_dtype(g.dtype, mu.dtype, nu.dtype)
+    dtype = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype)
     a_a = plan.rows(g).astype(dtype)
     if error is not None:
       a_a = a_a + plan.rows(error).astype(dtype)
@@ -221,6 +226,7 @@ def scale_by_ldadam(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
     leaves, treedef = jax.tree.flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
@@ -258,11 +264,11 @@ def ldadam(
   b2: chex.Numeric = 0.99,
   eps: chex.Numeric = 1e-8,
   weight_decay: chex.Numeric = 0.0,
-  rank: int = 16,
+  *,
+  rank: int | None = None,
   rho: chex.Numeric = 0.908,
   error_feedback: bool = True,
   mask: MaskOrFn | None = None,
-  *,
   projector: str | proj_lib.Projector = 'power_iteration',
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -289,7 +295,7 @@ def ldadam(
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the corrected second moment.
     weight_decay: Decoupled weight decay, ``>= 0``, applied before the update.
-    rank: Subspace rank.
+    rank: ``None`` (default: 16) or the subspace rank.
     rho: Momentum weight in the tracked matrix, in ``[0, 1)``.
     error_feedback: Keep the full-size error buffer (see
       ``scale_by_ldadam``).
@@ -297,7 +303,8 @@ def ldadam(
     projector: ``'power_iteration'``, ``'svd'`` or a ``Projector``.
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the parameter's).
-    nu_dtype: Second-moment dtype (default: the parameter's).
+    nu_dtype: Second-moment dtype (default: the parameter's, real for
+      complex parameters).
     projector_dtype: Basis dtype (default: the parameter's).
     error_dtype: Error-buffer dtype (default: the parameter's).
     weight_decay_mask: Leaves to decay (default: all).
@@ -321,6 +328,7 @@ def ldadam(
     Robert et al., `LDAdam: Adaptive Optimization from Low-Dimensional
     Gradient Statistics <https://arxiv.org/abs/2410.16103>`_, ICLR 2025
   """
+  rank = 16 if rank is None else rank
   core = scale_by_ldadam(
     b1,
     b2,

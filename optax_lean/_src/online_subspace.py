@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lean._src import checks, sharding
+from optax_lean._src import checks, dtypes, sharding
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.adam import adam_step
 from optax_lean._src.combine import chain_with_decay_after_update
@@ -82,7 +82,7 @@ def scale_by_online_subspace_descent(
   b1: chex.Numeric = 0.9,
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-6,
-  rank: int = 128,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   scale: chex.Numeric = 0.25,
   *,
@@ -125,7 +125,8 @@ def scale_by_online_subspace_descent(
     b1: First-moment decay of the weights' Adam, in ``[0, 1)``.
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the uncorrected second moment, ``>= 0``.
-    rank: Subspace rank (clipped, with a warning, to ``min(in, out)``).
+    rank: ``None`` (default: 128) or the subspace rank (clipped, with a warning,
+      to ``min(in, out)``).
     update_proj_gap: :math:`T`; sets the default projector step size
       :math:`1/T` (there are no periodic refreshes).
     scale: Factor on projected leaves' updates.
@@ -140,7 +141,8 @@ def scale_by_online_subspace_descent(
     mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
-    nu_dtype: Second-moment dtype (default: the leaf's).
+    nu_dtype: Second-moment dtype (default: the leaf's, real for
+      complex leafs).
     projector_dtype: Dtype of the basis and of its AdamW moments (default:
       the leaf's).
 
@@ -159,7 +161,8 @@ def scale_by_online_subspace_descent(
     Liang et al., `Memory-Efficient LLM Training with Online Subspace Descent
     <https://arxiv.org/abs/2408.12857>`_, NeurIPS 2024
   """
-  checks.positive_int('update_proj_gap', update_proj_gap)
+  rank = 128 if rank is None else rank
+  checks.positive_count('update_proj_gap', update_proj_gap)
   validate_adam(projector_b1, projector_b2, projector_eps, prefix='projector_')
   checks.non_negative('projector_weight_decay', projector_weight_decay)
   checks.non_negative('orthogonality_penalty', orthogonality_penalty)
@@ -182,9 +185,12 @@ def scale_by_online_subspace_descent(
     projector_learning_rate = 1.0 / update_proj_gap
 
   def plans(tree) -> list[SubspacePlan | None]:
-    return plan_subspaces(tree, projector, rank, mask, dimension_numbers)
+    return plan_subspaces(
+      tree, projector, rank, mask, dimension_numbers, real_only='online_subspace_descent'
+    )
 
   def init_fn(params):
+    params = dtypes.as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     leaf_plans = plans(params)
 
@@ -201,7 +207,7 @@ def scale_by_online_subspace_descent(
 
   def learn(g, proj_state, p_mu, p_nu, plan, count, step_size):
     """One AdamW step of the basis on the PCA loss of ``g`` (none at step 0)."""
-    dtype = sharding.compute_dtype(g.dtype, proj_state.dtype)
+    dtype = dtypes.compute_dtype(g.dtype, proj_state.dtype)
     g_a = plan.rows(g).astype(dtype)
     basis = plan.basis(proj_state, g_a, dtype)
     gradient = pca_loss_gradient(basis, g_a, orthogonality_penalty)
@@ -226,6 +232,7 @@ def scale_by_online_subspace_descent(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    updates = dtypes.as_arrays(updates)
     inner_state = ScaleByGaLoreState(state.count, state.mu, state.nu, state.projector)
     outputs, inner_state = inner.update(updates, inner_state)
     step_size = projector_learning_rate
@@ -255,11 +262,11 @@ def online_subspace_descent(
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-6,
   weight_decay: chex.Numeric = 0.0,
-  rank: int = 128,
+  *,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   scale: chex.Numeric = 0.25,
   mask: MaskOrFn | None = None,
-  *,
   base_learning_rate: chex.Numeric | None = None,
   projector_b1: chex.Numeric = 0.9,
   projector_b2: chex.Numeric = 0.999,
@@ -290,7 +297,7 @@ def online_subspace_descent(
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the uncorrected second moment.
     weight_decay: Decoupled weight decay, ``>= 0``, applied after the update.
-    rank: Subspace rank.
+    rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: :math:`T` in the projector's step size.
     scale: Factor on projected leaves' updates.
     mask: Leaves that get a subspace (default: 2-D leaves without ``embed``;
@@ -304,7 +311,8 @@ def online_subspace_descent(
     orthogonality_penalty: Weight of the paper's orthogonality term.
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the parameter's).
-    nu_dtype: Second-moment dtype (default: the parameter's).
+    nu_dtype: Second-moment dtype (default: the parameter's, real for
+      complex parameters).
     projector_dtype: Dtype of the basis and its moments (default: the
       parameter's).
     weight_decay_mask: Leaves to decay (default: all).
@@ -330,7 +338,8 @@ def online_subspace_descent(
     Liang et al., `Memory-Efficient LLM Training with Online Subspace Descent
     <https://arxiv.org/abs/2408.12857>`_, NeurIPS 2024
   """
-  if base_learning_rate is None:
+  rank = 128 if rank is None else rank
+  if learning_rate is None or base_learning_rate is None:
     if callable(learning_rate):
       raise ValueError(
         'base_learning_rate must be given with a learning-rate schedule: the '

@@ -14,10 +14,13 @@ where ``G_a`` is ``G`` with the projected axis moved to the rows. What a
 projector *stores* is as small as its rule allows: the basis itself (SVD),
 only a PRNG key (random), or ``r`` indices (coordinate subsets).
 
+For complex leaves the basis is complex and :math:`B^\top` is the conjugate
+transpose :math:`B^H` (complex SVD and QR).
+
 All refreshes are traced under ``jax.lax.cond`` on one scalar step count, run
-in float32 on a copy of ``G`` whose matrix axes are gathered (SVD and QR need
-them whole), and keep the previous projector when the result is not finite or
-the gradient is all zeros.
+in float32 (float64 for 64-bit leaves, complex for complex ones) on a copy of
+``G`` whose matrix axes are gathered (SVD and QR need them whole), and keep the
+previous projector when the result is not finite or the gradient is all zeros.
 """
 
 from __future__ import annotations
@@ -29,18 +32,23 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from optax_lean._src import sharding
+from optax_lean._src import dtypes, sharding
 
 
 def canonicalize_signs(basis: jax.Array) -> jax.Array:
   """Flips each column so that its entry of largest magnitude is positive.
 
-  Singular vectors are defined up to sign, and different SVD implementations
-  (CPU, GPU, TPU, NumPy) pick different ones. Fixing the sign makes runs
-  reproducible across them.
+  Singular vectors are defined up to sign (up to a phase for complex ones), and
+  different SVD implementations (CPU, GPU, TPU, NumPy) pick different ones.
+  Fixing it makes runs reproducible across them. A complex column is rotated
+  so that its entry of largest magnitude is real and positive.
   """
   index = jnp.argmax(jnp.abs(basis), axis=-2, keepdims=True)
   pivot = jnp.take_along_axis(basis, index, axis=-2)
+  if dtypes.is_complex(basis.dtype):
+    magnitude = jnp.abs(pivot)
+    phase = jnp.where(magnitude > 0, jnp.conj(pivot) / jnp.where(magnitude > 0, magnitude, 1), 1)
+    return basis * phase.astype(basis.dtype)
   return basis * jnp.where(pivot < 0, -1, 1).astype(basis.dtype)
 
 
@@ -50,11 +58,11 @@ def to_projected_rows(x: jax.Array, axis: int) -> jax.Array:
 
 
 def project(g_a: jax.Array, basis: jax.Array, out_dtype: jax.typing.DTypeLike) -> jax.Array:
-  """``B^T G_a``: coordinates of ``G_a``'s columns in the subspace."""
+  """``B^H G_a``: coordinates of ``G_a``'s columns in the subspace."""
   spec = sharding.spec_of(g_a)
   return sharding.einsum(
     '...kr,...kc->...rc',
-    basis,
+    dtypes.conj(basis),
     g_a,
     out_spec=(*spec[:-2], None, spec[-1]),
     out_dtype=out_dtype,
@@ -78,11 +86,11 @@ def back_project(
 
 
 def change_of_basis(new: jax.Array, old: jax.Array, out_dtype: jax.typing.DTypeLike) -> jax.Array:
-  """``B_new^T B_old``, which carries subspace coordinates to the new basis."""
+  """``B_new^H B_old``, which carries subspace coordinates to the new basis."""
   spec = sharding.spec_of(new)
   return sharding.einsum(
     '...kr,...ks->...rs',
-    new,
+    dtypes.conj(new),
     old,
     out_spec=(*spec[:-2], None, None),
     out_dtype=out_dtype,
@@ -153,7 +161,7 @@ class Projector(abc.ABC):
 
   @abc.abstractmethod
   def compute(self, g_a: jax.Array, rank: int, key: jax.Array) -> jax.Array:
-    """A fresh state from a gathered float32 ``G_a`` of shape (…, size, c)."""
+    """A fresh state from a gathered ``G_a`` of shape (…, size, c), in its compute dtype."""
 
   def compute_from(
     self, g_a: jax.Array, previous: jax.Array, rank: int, key: jax.Array
@@ -181,17 +189,19 @@ class Projector(abc.ABC):
   ) -> jax.Array:
     """Recomputes the state from ``G_a``, keeping ``state`` where that fails.
 
-    ``G_a`` is gathered over its matrix axes and cast to float32 first. For a
+    ``G_a`` is gathered over its matrix axes and cast to its compute dtype
+    (float32, float64 or complex, see ``dtypes.compute_dtype``) first. For a
     projector that reads the gradient, a matrix (of a stack) whose gradient is
     not finite or all zeros, or whose new basis is not finite, keeps its old
     state. The result is cast and resharded back to ``state``'s type.
     """
     spec = sharding.spec_of(g_a)
-    g_a = sharding.reshard(g_a, (*spec[:-2], None, None)).astype(jnp.float32)
+    dtype = dtypes.compute_dtype(g_a.dtype)
+    g_a = sharding.reshard(g_a, (*spec[:-2], None, None)).astype(dtype)
     fresh = self.compute_from(g_a, state, rank, key)
     if self.reads_gradient:
       shape = (*g_a.shape[:-1], rank)
-      basis = self.basis(fresh, shape, jnp.float32)
+      basis = self.basis(fresh, shape, dtype)
       ok = jnp.all(jnp.isfinite(basis), axis=(-2, -1))
       ok &= jnp.all(jnp.isfinite(g_a), axis=(-2, -1))
       ok &= jnp.any(g_a != 0, axis=(-2, -1))
@@ -277,7 +287,7 @@ class PowerIterationProjector(SVDProjector):
     previous = sharding.reshard(previous, (*spec[:-2], None, None)).astype(g_a.dtype)
 
     def iterate():
-      sketch = jnp.swapaxes(g_a, -1, -2) @ previous
+      sketch = dtypes.adjoint(g_a) @ previous
       q, _ = jnp.linalg.qr(g_a @ sketch)
       return canonicalize_signs(q)
 
@@ -332,10 +342,10 @@ class RandomizedSVDProjector(_DenseProjector):
     q = g_a @ omega
     for _ in range(self.power_iterations):
       q, _ = jnp.linalg.qr(q)
-      q = g_a @ (jnp.swapaxes(g_a, -1, -2) @ q)
+      q = g_a @ (dtypes.adjoint(g_a) @ q)
     q, _ = jnp.linalg.qr(q)
     if width > rank:
-      small, _, _ = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ g_a, full_matrices=False)
+      small, _, _ = jnp.linalg.svd(dtypes.adjoint(q) @ g_a, full_matrices=False)
       q = q @ small[..., :rank]
     return canonicalize_signs(q[..., :rank])
 
@@ -378,7 +388,8 @@ class RandomProjector(Projector):
 
   def basis(self, state, shape, dtype):
     key = jax.random.wrap_key_data(state)
-    gaussian = jax.random.normal(key, shape, jnp.float32)
+    real = dtypes.real_dtype(dtypes.compute_dtype(dtype))
+    gaussian = jax.random.normal(key, shape, real)
     q, _ = jnp.linalg.qr(gaussian)
     return canonicalize_signs(q).astype(dtype)
 
@@ -407,7 +418,8 @@ class _CoordinateProjector(Projector):
     return (*batch_spec, None)
 
   def basis(self, state, shape, dtype):
-    return jax.nn.one_hot(state, shape[-2], dtype=dtype, axis=-2)
+    one_hot = jax.nn.one_hot(state, shape[-2], dtype=dtypes.real_dtype(dtype), axis=-2)
+    return one_hot.astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,7 +479,7 @@ class TopKProjector(_CoordinateProjector):
 
   def compute(self, g_a, rank, key):
     del key
-    norms = jnp.sum(jnp.square(g_a), axis=-1)
+    norms = jnp.sum(dtypes.abs_sq(g_a), axis=-1)
     return jax.lax.top_k(norms, rank)[1].astype(jnp.int32)
 
 

@@ -45,7 +45,7 @@ def scale_by_random_subspace(
   b1: chex.Numeric = 0.9,
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-8,
-  rank: int = 128,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   *,
   side: str = 'in',
@@ -96,7 +96,7 @@ def scale_by_random_subspace(
     b1: First-moment decay, in ``[0, 1)``.
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the corrected second moment, ``>= 0``.
-    rank: Subspace rank ``r >= 1`` (clipped, with a warning, to
+    rank: ``None`` (default: 128) or the subspace rank ``r >= 1`` (clipped, with a warning, to
       ``min(in, out)``).
     update_proj_gap: Steps ``K >= 1`` per outer iteration (per subspace).
     side: The axis the basis spans: ``'in'`` (default: the input side, where
@@ -105,7 +105,8 @@ def scale_by_random_subspace(
     mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
-    nu_dtype: Second-moment dtype (default: the leaf's).
+    nu_dtype: Second-moment dtype (default: the leaf's, real for
+      complex leafs).
     seed: Seed of the random bases.
 
   Returns:
@@ -124,7 +125,8 @@ def scale_by_random_subspace(
     for Training Large Language Models <https://arxiv.org/abs/2502.07222>`_,
     ICML 2025
   """
-  checks.positive_int('update_proj_gap', update_proj_gap)
+  rank = 128 if rank is None else rank
+  checks.positive_count('update_proj_gap', update_proj_gap)
   return scale_by_subspace_adam(
     b1,
     b2,
@@ -150,10 +152,10 @@ def rso(
   b2: chex.Numeric = 0.999,
   eps: chex.Numeric = 1e-8,
   weight_decay: chex.Numeric = 0.0,
-  rank: int = 128,
+  *,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   mask: MaskOrFn | None = None,
-  *,
   side: str = 'in',
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -175,13 +177,14 @@ def rso(
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the corrected second moment.
     weight_decay: Decoupled weight decay, ``>= 0``.
-    rank: Subspace rank.
+    rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: Steps per outer iteration.
     mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
     side: The axis the basis spans (default ``'in'``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the parameter's).
-    nu_dtype: Second-moment dtype (default: the parameter's).
+    nu_dtype: Second-moment dtype (default: the parameter's, real for
+      complex parameters).
     seed: Seed of the random bases.
     weight_decay_mask: Leaves to decay (default: all).
 
@@ -205,6 +208,7 @@ def rso(
     for Training Large Language Models <https://arxiv.org/abs/2502.07222>`_,
     ICML 2025
   """
+  rank = 128 if rank is None else rank
   core = scale_by_random_subspace(
     b1,
     b2,

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from optax_lean._src import dtypes
+
 
 def explicit_sharding(x: Any) -> NamedSharding | None:
   """``x``'s sharding if it is carried in its type (an Explicit mesh)."""
@@ -57,18 +59,6 @@ def num_shards(x: Any, entry: Any) -> int:
   return count
 
 
-def compute_dtype(*dtypes: jax.typing.DTypeLike) -> jnp.dtype:
-  """float64 if any of ``dtypes`` is, else float32: the dtype for state maths.
-
-  Elementwise optimizer maths runs in float32 whatever the storage dtype, as
-  the moments of a bf16 model lose too much in bf16 arithmetic; results are
-  cast back to their storage dtypes.
-  """
-  if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
-    return jnp.dtype(jnp.float64)
-  return jnp.dtype(jnp.float32)
-
-
 def named_like(x: Any, spec: tuple[Any, ...]) -> NamedSharding | None:
   """A sharding with ``spec`` on ``x``'s explicit mesh, or ``None``."""
   sharding = explicit_sharding(x)
@@ -94,7 +84,7 @@ def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
 
 def cast_like(x: jax.Array, like: jax.Array) -> jax.Array:
   """``x`` in ``like``'s dtype and explicit sharding: how states are stored back."""
-  return reshard_like(x.astype(like.dtype), like)
+  return reshard_like(dtypes.store(x, like.dtype), like)
 
 
 def einsum(
@@ -106,8 +96,13 @@ def einsum(
   """``jnp.einsum`` with an output sharding under Explicit meshes.
 
   Operands are multiplied in their own (common) dtype and accumulated in
-  ``out_dtype``, so bf16 operands keep bf16 matmul speed.
+  ``out_dtype``, so bf16 operands keep bf16 matmul speed on accelerators. XLA's
+  CPU backend has no such mixed-precision dot for every shape, so there the
+  operands are cast to ``out_dtype`` first: the same products (a product of
+  two bf16 or f16 numbers is exact in float32), accumulated in the same dtype.
   """
+  if out_dtype is not None and jax.default_backend() == 'cpu':
+    operands = tuple(operand.astype(out_dtype) for operand in operands)
   out_sharding = None
   for operand in operands:
     out_sharding = named_like(operand, out_spec)

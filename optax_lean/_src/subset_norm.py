@@ -14,10 +14,11 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, sharding
+from optax_lean._src import checks, dtypes, sharding
 from optax_lean._src.dimension_numbers import (
   DimensionNumbersOrFn,
   MaskOrFn,
@@ -122,14 +123,14 @@ class SubsetRule:
   def statistic(self, g: jax.Array, layout: MatrixLayout | None) -> jax.Array:
     """The sum of squares of each subset, shaped like the state."""
     if self.kind == 'elementwise':
-      return jnp.square(g)
+      return dtypes.abs_sq(g)
     matrix = layout.to_matrix(g)
     if self.kind == 'per_output':
-      return jnp.sum(jnp.square(matrix), axis=-2, keepdims=True)
+      return jnp.sum(dtypes.abs_sq(matrix), axis=-2, keepdims=True)
     if self.kind == 'per_input':
-      return jnp.sum(jnp.square(matrix), axis=-1, keepdims=True)
+      return jnp.sum(dtypes.abs_sq(matrix), axis=-1, keepdims=True)
     chunks = self._chunk_view(matrix, layout, g)
-    return jnp.sum(jnp.square(chunks), axis=-1, keepdims=True)
+    return jnp.sum(dtypes.abs_sq(chunks), axis=-1, keepdims=True)
 
   def divide(
     self, numerator: jax.Array, denominator: jax.Array, layout: MatrixLayout | None
@@ -148,6 +149,8 @@ class SubsetRule:
 
 
 def _validate_subset_size(subset_size: SubsetSize) -> None:
+  if isinstance(subset_size, (jax.Array, np.ndarray, np.generic)):
+    raise checks.static_error('subset_size', "'heuristic' or a non-zero int", ('subset_size',))
   if subset_size == HEURISTIC:
     return
   if isinstance(subset_size, bool) or not isinstance(subset_size, int):
@@ -217,7 +220,8 @@ def scale_by_subset_norm(
       contain ``embed``.
     dimension_numbers: How selected leaves read as ``(…, in, out)``; see
       ``DimensionNumbers``. Default: the last two axes.
-    nu_dtype: Dtype of the second moment; default: the leaf's dtype.
+    nu_dtype: Dtype of the second moment; default: the leaf's dtype (its
+      real counterpart for complex leaves).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -245,15 +249,18 @@ def scale_by_subset_norm(
       'AdaGrad (b2 = 1) takes bias_correction=False.'
     )
 
-  def leaf_rules(tree) -> list[tuple[MatrixLayout | None, SubsetRule]]:
-    layouts = resolve_layouts(tree, mask, dimension_numbers, allow_vectors=subset_size != HEURISTIC)
+  def leaf_rules(tree, warn=False) -> list[tuple[MatrixLayout | None, SubsetRule]]:
+    layouts = resolve_layouts(
+      tree, mask, dimension_numbers, allow_vectors=subset_size != HEURISTIC, warn=warn
+    )
     return [(layout, SubsetRule.resolve(subset_size, layout)) for layout in layouts]
 
   def init_fn(params):
+    params = dtypes.as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     nus = []
-    for p, (layout, rule) in zip(leaves, leaf_rules(params)):
-      dtype = p.dtype if nu_dtype is None else nu_dtype
+    for p, (layout, rule) in zip(leaves, leaf_rules(params, warn=True)):
+      dtype = dtypes.second_moment_dtype(p.dtype, nu_dtype)
       if layout is None:
         nus.append(otu.zeros_like(p, dtype=dtype))
         continue
@@ -265,21 +272,24 @@ def scale_by_subset_norm(
 
   def update_fn(updates, state, params=None, *, numerator=None, **extra_args):
     del params, extra_args
+    updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
     leaves, treedef = jax.tree.flatten(updates)
     nus = treedef.flatten_up_to(state.nu)
     numerators = leaves if numerator is None else treedef.flatten_up_to(numerator)
     new_nus, outputs = [], []
     for g, nu, num, (layout, rule) in zip(leaves, nus, numerators, leaf_rules(updates)):
-      dtype = sharding.compute_dtype(g.dtype, nu.dtype)
-      decay = jnp.asarray(b2, dtype)
+      dtype = dtypes.compute_dtype(g.dtype, nu.dtype)
+      real = dtypes.real_dtype(dtype)
+      decay = jnp.asarray(b2, real)
       stat = rule.statistic(g.astype(dtype), layout)
-      accumulated = nu.astype(dtype) + stat
-      new_nu = jnp.where(decay == 1, accumulated, decay * nu.astype(dtype) + (1 - decay) * stat)
-      denominator = jnp.sqrt(new_nu) + jnp.asarray(eps, dtype)
+      accumulated = nu.astype(real) + stat
+      new_nu = jnp.where(decay == 1, accumulated, decay * nu.astype(real) + (1 - decay) * stat)
+      denominator = jnp.sqrt(new_nu) + jnp.asarray(eps, real)
       if bias_correction:
-        denominator = denominator / jnp.sqrt(1 - decay ** count_inc.astype(dtype))
-      out = rule.divide(num.astype(dtype), denominator, layout)
+        denominator = denominator / jnp.sqrt(1 - decay ** count_inc.astype(real))
+      numerator_dtype = dtypes.compute_dtype(num.dtype, dtype)
+      out = rule.divide(num.astype(numerator_dtype), denominator.astype(numerator_dtype), layout)
       outputs.append(sharding.cast_like(out, num))
       new_nus.append(sharding.cast_like(new_nu, nu))
     return jax.tree.unflatten(treedef, outputs), ScaleBySubsetNormState(

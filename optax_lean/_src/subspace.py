@@ -13,17 +13,18 @@ axes), the dense basis, and a keyed refresh.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import chex
 import jax
 
+from optax_lean._src import dtypes, sharding
 from optax_lean._src import projectors as proj_lib
-from optax_lean._src import sharding
+from optax_lean._src import warn as warn_lib
 from optax_lean._src.dimension_numbers import (
   DimensionNumbersOrFn,
   MaskOrFn,
   MatrixLayout,
+  path_str,
   resolve_layouts,
 )
 
@@ -120,21 +121,31 @@ def plan_subspaces(
   dimension_numbers: DimensionNumbersOrFn | None,
   *,
   warn: bool = False,
+  real_only: str | None = None,
 ) -> list[SubspacePlan | None]:
   """The subspace plan of each leaf of ``tree`` (``None``: no subspace).
 
   A rank larger than a matrix allows is clipped, as the official code's
-  reduced SVD does, with a ``UserWarning`` when ``warn`` is set.
+  reduced SVD does. With ``warn`` (at ``init``), that and every leaf the
+  default rule cannot read give a ``UserWarning`` naming the leaf, attributed
+  to the user's call. ``real_only`` names a method whose subspace rule is
+  defined for real matrices only: a complex selected leaf is then refused with
+  a ``ValueError`` naming it.
   """
   plans = []
-  for layout in resolve_layouts(tree, mask, dimension_numbers):
+  with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  layouts = resolve_layouts(tree, mask, dimension_numbers, warn=warn)
+  for (path, leaf), layout in zip(with_paths, layouts):
     plan = None if layout is None else SubspacePlan.resolve(layout, projector, rank)
+    if plan is not None and real_only and dtypes.is_complex(leaf.dtype):
+      raise ValueError(
+        f'{real_only} supports only real matrices, but the selected leaf '
+        f'{path_str(path)} is {leaf.dtype}; leave it out with `mask`.'
+      )
     if warn and plan is not None and plan.rank < rank:
-      warnings.warn(
-        f'rank {rank} exceeds what the {projector.name!r} projector allows '
-        f'for a leaf of shape {layout.shape}; using rank {plan.rank}.',
-        UserWarning,
-        stacklevel=3,
+      warn_lib.warn(
+        f'rank {rank} exceeds what the {projector.name!r} projector allows for the '
+        f'leaf {path_str(path)} of shape {layout.shape}; using rank {plan.rank}.'
       )
     plans.append(plan)
   return plans

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, sharding
+from optax_lean._src import checks, dtypes, sharding
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.subspace import plan_subspaces, refresh_due
@@ -41,17 +41,9 @@ class ScaleBySubspaceMomentumState(NamedTuple):
   projector: optax.Updates
 
 
-def _empty_momentum() -> optax.GradientTransformationExtraArgs:
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    return updates, state
-
-  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
-
-
 def scale_by_subspace_momentum(
   b1: chex.Numeric = 0.9,
-  rank: int = 128,
+  rank: int | None = None,
   update_proj_gap: int = 200,
   projector: str | proj_lib.Projector = 'svd',
   *,
@@ -95,9 +87,9 @@ def scale_by_subspace_momentum(
   Args:
     b1: Momentum decay, in ``[0, 1)``. With ``b1 = 0`` there is no state and
       the gradient passes through.
-    rank: Subspace rank ``r >= 1``, clipped (with a warning) to what each
-      matrix allows: ``min(in, out)`` for the SVD family, ``max(in, out)``
-      for coordinate subsets.
+    rank: ``None`` (default: 128) or the subspace rank ``r >= 1``, clipped
+      (with a warning) to what each matrix allows: ``min(in, out)`` for the
+      SVD family, ``max(in, out)`` for coordinate subsets.
     update_proj_gap: Steps between refreshes, ``>= 1``.
     projector: ``'svd'`` (exact, sign-canonicalised), ``'randomized_svd'``
       (a range finder, much cheaper), ``'random'`` (a seeded orthonormal
@@ -132,18 +124,20 @@ def scale_by_subspace_momentum(
     Subspace-Momentum with Convergence Guarantees
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
+  rank = 128 if rank is None else rank
   checks.in_interval('b1', b1, 0.0, 1.0)
   checks.positive_int('rank', rank)
-  checks.positive_int('update_proj_gap', update_proj_gap)
+  checks.positive_count('update_proj_gap', update_proj_gap)
   checks.one_of('momentum_on_refresh', momentum_on_refresh, MOMENTUM_ON_REFRESH)
   projector = proj_lib.get_projector(projector)
   if checks.is_zero(b1):
-    return _empty_momentum()
+    return optax.identity()
 
   def plans(tree, warn=False):
     return plan_subspaces(tree, projector, rank, mask, dimension_numbers, warn=warn)
 
   def init_fn(params):
+    params = dtypes.as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     mus, projs = [], []
     for p, plan in zip(leaves, plans(params, warn=True)):
@@ -161,7 +155,7 @@ def scale_by_subspace_momentum(
     )
 
   def update_matrix(g, mu, proj_state, plan, leaf_index, count_inc):
-    dtype = sharding.compute_dtype(g.dtype, mu.dtype)
+    dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
     g_a = plan.rows(g)
     mu_a = plan.lowrank_rows(mu)
 
@@ -190,7 +184,7 @@ def scale_by_subspace_momentum(
     )
     basis = plan.basis(proj_state, g_a, g.dtype)
     projected = proj_lib.project(g_a, basis, dtype)
-    decay = jnp.asarray(b1, dtype)
+    decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
     momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
     numerator = g_a.astype(dtype) + proj_lib.back_project(
       (momentum - projected).astype(g.dtype), basis, g_a, dtype
@@ -202,6 +196,7 @@ def scale_by_subspace_momentum(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
     leaves, treedef = jax.tree.flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
@@ -209,15 +204,17 @@ def scale_by_subspace_momentum(
     outputs, new_mus, new_projs = [], [], []
     for index, (g, mu, proj_state, plan) in enumerate(zip(leaves, mus, projs, plans(updates))):
       if plan is None:
-        dtype = sharding.compute_dtype(g.dtype, mu.dtype)
-        decay = jnp.asarray(b1, dtype)
+        dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
+        decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
         numerator = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
         new_mu = numerator
       else:
         numerator, new_mu, proj_state = update_matrix(g, mu, proj_state, plan, index, count_inc)
       if bias_correction:
-        decay = jnp.asarray(b1, numerator.dtype)
-        numerator = numerator / (1 - decay ** count_inc.astype(numerator.dtype))
+        real = dtypes.real_dtype(numerator.dtype)
+        decay = jnp.asarray(b1, real)
+        correction = 1 - decay ** count_inc.astype(real)
+        numerator = numerator / correction.astype(numerator.dtype)
       outputs.append(sharding.cast_like(numerator, g))
       new_mus.append(sharding.cast_like(new_mu, mu))
       new_projs.append(proj_state)
