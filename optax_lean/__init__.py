@@ -9,6 +9,7 @@ from optax_lean._src.combine import (
 )
 from optax_lean._src.dimension_numbers import DimensionNumbers, default_mask
 from optax_lean._src.galore import ScaleByGaLoreState, galore, scale_by_galore
+from optax_lean._src.layers import layer_axes, merge_layers, split_layers, update_layer
 from optax_lean._src.ldadam import ScaleByLDAdamState, ldadam, scale_by_ldadam
 from optax_lean._src.memory import state_bytes, state_bytes_by_kind, state_bytes_by_leaf
 from optax_lean._src.nnx_layouts import nnx_dimension_numbers
@@ -60,7 +61,9 @@ __all__ = (
   'add_decayed_weights_after_update',
   'default_mask',
   'galore',
+  'layer_axes',
   'ldadam',
+  'merge_layers',
   'nnx_dimension_numbers',
   'online_subspace_descent',
   'rmsprop_sn',
@@ -73,8 +76,10 @@ __all__ = (
   'scale_by_subset_norm',
   'scale_by_subspace_momentum',
   'sgd_sm',
+  'split_layers',
   'state_bytes',
   'state_bytes_by_kind',
   'state_bytes_by_leaf',
   'state_sharding',
+  'update_layer',
 )

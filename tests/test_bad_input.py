@@ -83,6 +83,17 @@ CASES = {
     2, "--subset-size must be 'heuristic' or an integer, got 'rows'", ('--subset-size', 'rows')
   ),
   'resume_without_a_checkpoint_dir': Case(2, '--resume needs --checkpoint-dir', ('--resume',)),
+  'layerwise_without_scanned_layers': Case(2, '--layerwise needs --scan-layers', ('--layerwise',)),
+  'layerwise_with_accumulation': Case(
+    2,
+    '--layerwise cannot accumulate gradients (--grad-accum 2)',
+    ('--layerwise', '--scan-layers', '--grad-accum', '2'),
+  ),
+  'layerwise_skipping_non_finite_steps': Case(
+    2,
+    '--layerwise cannot skip non-finite steps',
+    ('--layerwise', '--scan-layers', '--skip-nonfinite'),
+  ),
   'checkpoint_dir_is_a_file': Case(
     2, 'exists and is not a directory', ('--checkpoint-dir', '{corpus}')
   ),

@@ -22,6 +22,9 @@ SECTION = re.compile(r'^(Args|Attributes|Examples|Raises|References|Returns):$')
 # Helpers that implement no published method, so they cite no paper.
 NO_PAPER = {
   'default_mask',
+  'layer_axes',
+  'merge_layers',
+  'split_layers',
   'nnx_dimension_numbers',
   'state_bytes',
   'state_bytes_by_kind',

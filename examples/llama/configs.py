@@ -24,6 +24,7 @@ class LlamaConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   scan_layers: bool = False
+  remat: bool = False  # with scan_layers: keep only each block's input, recompute the rest
   compute_dtype: str = 'float32'
   rso_rank: int | None = None  # train linear layers through rank-r factors (rso.py)
 

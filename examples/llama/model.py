@@ -119,11 +119,14 @@ class Llama(nnx.Module):
     x_BTD = self.embed(tokens_BT)
     if self.config.scan_layers:
 
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-      def run_blocks(x_BTD: jax.Array, block: Block) -> jax.Array:
+      def run_block(x_BTD: jax.Array, block: Block) -> jax.Array:
         return block(x_BTD)
 
-      x_BTD = run_blocks(x_BTD, self.blocks)
+      if self.config.remat:
+        # The backward pass recomputes each block from its input: one layer's
+        # weights and activations live at a time, as FSDP needs.
+        run_block = nnx.remat(run_block, policy=jax.checkpoint_policies.nothing_saveable)
+      x_BTD = nnx.scan(run_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BTD, self.blocks)
     else:
       for block in self.blocks:
         x_BTD = block(x_BTD)

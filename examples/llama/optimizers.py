@@ -31,6 +31,15 @@ class Hyperparameters:
   projector: str = 'svd'
   subset_size: str | int = 'heuristic'
   momentum_on_refresh: str = 'official'
+  state_dtype: str | None = None  # e.g. 'bfloat16' for every state; None: the parameters'
+
+
+STATE_DTYPES = ('bfloat16', 'float32')
+
+
+def state_dtypes(h: Hyperparameters, *fields: str) -> dict[str, str]:
+  """``{field: h.state_dtype}`` for the optimizer's dtype arguments, if a dtype is set."""
+  return {} if h.state_dtype is None else dict.fromkeys(fields, h.state_dtype)
 
 
 def linear_kernels(params: Any) -> Any:
@@ -71,7 +80,9 @@ class OptimizerSpec:
 
 REGISTRY: dict[str, OptimizerSpec] = {
   'adamw': OptimizerSpec(
-    lambda lr, h: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=h.weight_decay),
+    lambda lr, h: optax.adamw(
+      lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=h.weight_decay, **state_dtypes(h, 'mu_dtype')
+    ),
     3e-3,
     description='optax.adamw (PyTorch flavour), the baseline',
   ),
@@ -82,7 +93,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
   ),
   'adamsn': OptimizerSpec(
     lambda lr, h: optax_lean.adamsn(
-      lr, weight_decay=h.weight_decay, subset_size=h.subset_size, mask=linear_kernels
+      lr,
+      weight_decay=h.weight_decay,
+      subset_size=h.subset_size,
+      mask=linear_kernels,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype'),
     ),
     3e-2,
     description='Adam momentum over subset-norm',
@@ -97,6 +112,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
       subset_size=h.subset_size,
       mask=linear_kernels,
       momentum_on_refresh=h.momentum_on_refresh,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
     ),
     1e-2,
     low_rank=True,
@@ -120,6 +136,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
       update_proj_gap=h.update_proj_gap,
       projector=h.projector,
       mask=attn_mlp_kernels,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
     ),
     1e-2,
     low_rank=True,
@@ -127,7 +144,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
   ),
   'ldadam': OptimizerSpec(
     lambda lr, h: optax_lean.ldadam(
-      lr, weight_decay=h.weight_decay, rank=h.rank, mask=attn_mlp_kernels
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      mask=attn_mlp_kernels,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype', 'error_dtype'),
     ),
     3e-3,
     low_rank=True,
@@ -141,6 +162,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
       update_proj_gap=h.update_proj_gap,
       mask=attn_mlp_kernels,
       base_learning_rate=h.peak_learning_rate,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
     ),
     1e-2,
     low_rank=True,
@@ -153,6 +175,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
       rank=h.rank,
       update_proj_gap=h.update_proj_gap,
       mask=linear_kernels,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype'),
     ),
     3e-3,
     low_rank=True,
@@ -160,7 +183,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
   ),
   'rmsprop_sn': OptimizerSpec(
     lambda lr, h: optax_lean.rmsprop_sn(
-      lr, weight_decay=h.weight_decay, subset_size=h.subset_size, mask=linear_kernels
+      lr,
+      weight_decay=h.weight_decay,
+      subset_size=h.subset_size,
+      mask=linear_kernels,
+      **state_dtypes(h, 'nu_dtype'),
     ),
     1e-2,
     description='RMSprop over subset-norm, no momentum',
@@ -175,6 +202,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
       projector=h.projector,
       mask=linear_kernels,
       momentum_on_refresh=h.momentum_on_refresh,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
     ),
     1.0,
     low_rank=True,
@@ -189,6 +217,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
       projector=h.projector,
       mask=linear_kernels,
       momentum_on_refresh=h.momentum_on_refresh,
+      **state_dtypes(h, 'mu_dtype', 'projector_dtype'),
     ),
     0.3,
     low_rank=True,

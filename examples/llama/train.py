@@ -37,10 +37,10 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lean
 from examples.llama import data as data_lib
-from examples.llama import distributed, optimizers, rso, validation
+from examples.llama import distributed, layerwise, optimizers, rso, validation
 from examples.llama.checkpoint import Checkpointer, CheckpointError
 from examples.llama.configs import CONFIGS, get_config
-from examples.llama.model import Llama, param_count
+from examples.llama.model import Block, Llama, param_count
 
 
 @dataclasses.dataclass
@@ -62,9 +62,12 @@ class TrainConfig:
   projector: str = 'svd'
   subset_size: str = 'heuristic'
   momentum_on_refresh: str = 'official'
+  state_dtype: str | None = None  # 'bfloat16' or 'float32' for every optimizer state; None: params'
   grad_accum: int = 1
   bf16: bool = False
   scan_layers: bool = False
+  remat: bool = False  # with --scan-layers: recompute each block in the backward pass
+  layerwise: bool = False  # with --scan-layers: update each layer as its gradient exists
   tie_embeddings: bool = False
   n_kv_heads: int | None = None
   mesh: str | None = None  # e.g. 'data=2,fsdp=4'; None: all devices on 'data'
@@ -171,6 +174,7 @@ def hyperparameters(cfg: TrainConfig, model_width: int) -> optimizers.Hyperparam
     projector=cfg.projector,
     subset_size=subset,
     momentum_on_refresh=cfg.momentum_on_refresh,
+    state_dtype=cfg.state_dtype,
   )
 
 
@@ -287,6 +291,7 @@ def build(cfg: TrainConfig) -> Run:
     if cfg.model in ('toy', 'tiny', '5m', '20m')
     else CONFIGS[cfg.model].vocab_size,
     scan_layers=cfg.scan_layers,
+    remat=cfg.remat,
     tie_embeddings=cfg.tie_embeddings,
     n_kv_heads=cfg.n_kv_heads,
     compute_dtype='bfloat16' if cfg.bf16 else 'float32',
@@ -316,15 +321,30 @@ def build(cfg: TrainConfig) -> Run:
   problem = optimizers.rank_problem(cfg.optimizer, hparams, abstract_params)
   if problem:
     raise ValueError(problem)
-  tx, schedule = make_optimizer(cfg, hparams)
+  # The layerwise step clips by the previous step's norm itself (layerwise.py).
+  tx, schedule = make_optimizer(
+    dataclasses.replace(cfg, clip_norm=0.0) if cfg.layerwise else cfg, hparams
+  )
   replicated = NamedSharding(mesh, P())
-  opt_shd = optax_lean.state_sharding(tx, split(abstract_params)[0], split(param_shd)[0])
+  if cfg.layerwise:
+    opt_shd = layerwise.state_sharding(tx, abstract_params, param_shd, replicated)
+  else:
+    opt_shd = optax_lean.state_sharding(tx, split(abstract_params)[0], split(param_shd)[0])
   state_shd = TrainState(replicated, param_shd, opt_shd)
   batch_shd = NamedSharding(mesh, P(names))
 
   def init_state() -> TrainState:
     params = nnx.to_pure_dict(nnx.state(Llama(model_cfg, nnx.Rngs(cfg.seed))))
-    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(split(params)[0]))
+    opt_state = layerwise.init(tx, params) if cfg.layerwise else tx.init(split(params)[0])
+    return TrainState(jnp.zeros([], jnp.int32), params, opt_state)
+
+  if cfg.layerwise:
+    block_graphdef = nnx.split(nnx.eval_shape(lambda: Block(model_cfg, nnx.Rngs(0))))[0]
+    layer_step = layerwise.make_step(graphdef, block_graphdef, tx, cfg.clip_norm)
+
+  def layerwise_step(state: TrainState, inputs, targets):
+    params, opt_state, loss, grad_norm = layer_step(state.params, state.opt_state, inputs, targets)
+    return TrainState(state.step + 1, params, opt_state), {'loss': loss, 'grad_norm': grad_norm}
 
   def train_step(state: TrainState, inputs, targets):
     trainable, frozen = split(state.params)
@@ -365,7 +385,7 @@ def build(cfg: TrainConfig) -> Run:
     join=join,
     init_state=jax.jit(init_state, out_shardings=state_shd),
     step_fn=jax.jit(
-      train_step,
+      layerwise_step if cfg.layerwise else train_step,
       in_shardings=(state_shd, batch_shd, batch_shd),
       out_shardings=(state_shd, replicated),
       donate_argnums=0,

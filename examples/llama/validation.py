@@ -28,6 +28,11 @@ def config_problems(cfg: Any) -> list[str]:
     problems.append(
       f'unknown --projector {cfg.projector!r}; choose one of {", ".join(optimizers.PROJECTORS)}'
     )
+  if cfg.state_dtype is not None and cfg.state_dtype not in optimizers.STATE_DTYPES:
+    problems.append(
+      f'unknown --state-dtype {cfg.state_dtype!r}; choose one of '
+      f'{", ".join(optimizers.STATE_DTYPES)}'
+    )
   if cfg.subset_size != 'heuristic' and not cfg.subset_size.lstrip('-').isdigit():
     problems.append(f"--subset-size must be 'heuristic' or an integer, got {cfg.subset_size!r}")
   if cfg.data is not None and not cfg.data.startswith('hf:'):
@@ -44,7 +49,32 @@ def config_problems(cfg: Any) -> list[str]:
     problems.append(f'--checkpoint-dir {checkpoint_dir} exists and is not a directory')
   if cfg.resume and cfg.checkpoint_dir is None:
     problems.append('--resume needs --checkpoint-dir')
-  return problems + range_problems(cfg)
+  return problems + layerwise_problems(cfg) + range_problems(cfg)
+
+
+def layerwise_problems(cfg: Any) -> list[str]:
+  """What ``--layerwise`` cannot be combined with."""
+  if not cfg.layerwise:
+    return []
+  problems = []
+  if not cfg.scan_layers:
+    problems.append(
+      '--layerwise needs --scan-layers (it updates the stacked blocks layer by layer)'
+    )
+  if cfg.grad_accum > 1:
+    problems.append(
+      f'--layerwise cannot accumulate gradients (--grad-accum {cfg.grad_accum}): each layer '
+      'is updated as soon as its gradient exists'
+    )
+  if cfg.skip_nonfinite or cfg.nonfinite_grad_step is not None:
+    problems.append(
+      '--layerwise cannot skip non-finite steps: earlier layers are updated before later '
+      'gradients exist'
+    )
+  spec = optimizers.REGISTRY.get(cfg.optimizer)
+  if spec is not None and spec.trains_factors:
+    problems.append(f'--layerwise does not support --optimizer {cfg.optimizer}')
+  return problems
 
 
 def range_problems(cfg: Any) -> list[str]:

@@ -152,7 +152,7 @@ def scale_by_subspace_adam(
     treedef = jax.tree.structure(params)
     return state_type(jnp.zeros([], jnp.int32), *(jax.tree.unflatten(treedef, xs) for xs in states))
 
-  def update_matrix(g, mu, nu, proj_state, plan, leaf_index, count):
+  def update_matrix(g, mu, nu, proj_state, plan, leaf_index, count, layer):
     dtype = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype)
     count_inc = optax.safe_increment(count)
     g_a = plan.rows(g)
@@ -161,14 +161,14 @@ def scale_by_subspace_adam(
       moments, old = operands
       if restart:
         moments = jax.tree.map(jnp.zeros_like, moments)
-      return moments, plan.refresh(g_a, old, seed, leaf_index, count_inc)
+      return moments, plan.refresh(g_a, old, seed, leaf_index, count_inc, layer)
 
     moments = (plan.lowrank_rows(mu), plan.lowrank_rows(nu))
     (mu_a, nu_a), proj_state = jax.lax.cond(
       refreshes(count), on_refresh, lambda operands: operands, (moments, proj_state)
     )
     basis = plan.basis(proj_state, g_a, g.dtype)
-    projected = proj_lib.project(g_a, basis, dtype)
+    projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
     # A fresh Adam per subspace counts its steps from the last refresh.
     adam_count = count % update_proj_gap + 1 if restart else count_inc
     direction, mu_a, nu_a = adam_step(projected, mu_a, nu_a, adam_count, b1, b2, eps, flavour)
@@ -176,7 +176,7 @@ def scale_by_subspace_adam(
     update = jnp.asarray(scale, dtype) * plan.unrows(full)
     return update, plan.lowrank_rows(mu_a), plan.lowrank_rows(nu_a), proj_state
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, layer=None, **extra_args):
     del params, extra_args
     updates = dtypes.as_arrays(updates)
     leaves, treedef = jax.tree.flatten(updates)
@@ -190,7 +190,7 @@ def scale_by_subspace_adam(
         out, new_mu, new_nu = adam_step(g, mu, nu, count_inc, b1, b2, eps, flavour)
       else:
         out, new_mu, new_nu, projs[index] = update_matrix(
-          g, mu, nu, projs[index], plan, index, state.count
+          g, mu, nu, projs[index], plan, index, state.count, layer
         )
       outputs.append(sharding.cast_like(out, g))
       new_mus.append(sharding.cast_like(new_mu, mu))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax
@@ -57,14 +58,25 @@ def to_projected_rows(x: jax.Array, axis: int) -> jax.Array:
   return x if axis == -2 else jnp.swapaxes(x, -1, -2)
 
 
-def project(g_a: jax.Array, basis: jax.Array, out_dtype: jax.typing.DTypeLike) -> jax.Array:
-  """``B^H G_a``: coordinates of ``G_a``'s columns in the subspace."""
+def project(
+  g_a: jax.Array,
+  basis: jax.Array,
+  out_dtype: jax.typing.DTypeLike,
+  like: jax.Array | None = None,
+) -> jax.Array:
+  """``B^H G_a``: coordinates of ``G_a``'s columns in the subspace.
+
+  Sharded like ``like`` (a stored low-rank state) when given: the contraction
+  over a sharded axis then ends in a reduce-scatter straight into the state's
+  layout; else like ``G_a``'s columns.
+  """
   spec = sharding.spec_of(g_a)
+  out_spec = (*spec[:-2], None, spec[-1]) if like is None else sharding.spec_of(like)
   return sharding.einsum(
     '...kr,...kc->...rc',
     dtypes.conj(basis),
     g_a,
-    out_spec=(*spec[:-2], None, spec[-1]),
+    out_spec=out_spec,
     out_dtype=out_dtype,
   )
 
@@ -125,6 +137,7 @@ class Projector(abc.ABC):
 
   name: ClassVar[str]
   reads_gradient: ClassVar[bool] = True
+  splits_state: ClassVar[bool] = True  # the state may be split over spare mesh axes
   side: str = dataclasses.field(default='smaller', kw_only=True)
   square_side: str = dataclasses.field(default='in', kw_only=True)
 
@@ -355,8 +368,9 @@ class RandomProjector(Projector):
   """A seeded random orthonormal basis; only its PRNG key is stored.
 
   The basis is the (sign-canonical) QR of a Gaussian matrix drawn from the key,
-  regenerated at every step, so the projector costs 8 bytes per leaf instead
-  of ``r * size`` numbers, at the price of one thin QR per step.
+  regenerated at every step, so the projector costs 8 bytes per matrix (each
+  matrix of a stack has its own key) instead of ``r * size`` numbers, at the
+  price of one thin QR per step.
 
   Attributes:
     side: The axis the basis spans (see ``Projector``); default
@@ -373,23 +387,32 @@ class RandomProjector(Projector):
 
   name: ClassVar[str] = 'random'
   reads_gradient: ClassVar[bool] = False
+  splits_state: ClassVar[bool] = False  # PRNG key data stays whole
 
   def state_shape(self, batch_shape, size, rank):
-    del batch_shape, size, rank
-    return (2,), jnp.uint32
+    del size, rank
+    return (*batch_shape, 2), jnp.uint32
 
   def state_spec(self, batch_spec, axis_spec):
-    del batch_spec, axis_spec
-    return (None,)
+    del axis_spec
+    return (*batch_spec, None)
 
   def compute(self, g_a, rank, key):
-    del g_a, rank
+    del rank
+    batch = g_a.shape[:-2]
+    if batch:  # one key per matrix of a stack, so each layer can be updated alone
+      key = jax.random.split(key, math.prod(batch)).reshape(batch)
     return jax.random.key_data(key)
 
   def basis(self, state, shape, dtype):
-    key = jax.random.wrap_key_data(state)
+    state = sharding.reshard(state, (None,) * state.ndim)
+    keys = jax.random.wrap_key_data(state)
     real = dtypes.real_dtype(dtypes.compute_dtype(dtype))
-    gaussian = jax.random.normal(key, shape, real)
+    if keys.ndim:
+      draw = lambda key: jax.random.normal(key, shape[-2:], real)
+      gaussian = jax.vmap(draw)(keys.reshape(-1)).reshape(shape)
+    else:
+      gaussian = jax.random.normal(keys, shape, real)
     q, _ = jnp.linalg.qr(gaussian)
     return canonicalize_signs(q).astype(dtype)
 

@@ -59,6 +59,36 @@ def num_shards(x: Any, entry: Any) -> int:
   return count
 
 
+def with_spare_axes(
+  spec: tuple[Any, ...], shape: tuple[int, ...], like: Any, order: tuple[int, ...]
+) -> tuple[Any, ...]:
+  """``spec`` with the mesh axes of ``like`` that it lacks placed on free axes of ``shape``.
+
+  A state that reduces a sharded axis of its parameter (a low-rank moment, a
+  subset norm, a basis of the other axis) loses that axis's sharding and
+  would be replicated. Each mesh axis of ``like``'s explicit sharding that
+  ``spec`` does not use goes to the first axis in ``order`` that is unsharded
+  and divisible by it, so the state is split over as many devices as its
+  parameter; where none divides, it stays replicated.
+  """
+  target = explicit_sharding(like)
+  if target is None:
+    return spec
+  names = lambda entry: () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+  used = {name for entry in spec for name in names(entry)}
+  spec = list(spec)
+  for entry in padded_spec(target.spec, jnp.ndim(like)):
+    if not names(entry) or used & set(names(entry)):
+      continue
+    size = num_shards(like, entry)
+    for axis in order:
+      if spec[axis] is None and shape[axis] % size == 0:
+        spec[axis] = entry
+        used.update(names(entry))
+        break
+  return tuple(spec)
+
+
 def named_like(x: Any, spec: tuple[Any, ...]) -> NamedSharding | None:
   """A sharding with ``spec`` on ``x``'s explicit mesh, or ``None``."""
   sharding = explicit_sharding(x)
@@ -139,13 +169,18 @@ def zeros(
 def state_sharding(tx: Any, params: Any, param_sharding: Any | None = None) -> Any:
   """Maps parameter shardings to the shardings of ``tx``'s state.
 
-  Every state leaf gets the sharding that its own rule gives it: moments shaped
-  like a parameter copy its sharding; subset-norm accumulators keep the
-  sharding of the axis they keep; low-rank moments keep the sharding of their
-  full-size axis and replicate the rank axis; projectors take the sharding of
-  the axis they span; scalars and keys are replicated. The rule is read off
-  ``tx.init`` itself, traced under an Explicit copy of the mesh, so it is
-  right for any chain of optax and optax_lean transformations.
+  Every state leaf is split over the same mesh axes as its parameter, so that
+  each device holds about ``1 / N`` of the state: moments shaped like a
+  parameter copy its sharding; subset-norm accumulators keep the sharding of
+  the axis they keep; low-rank moments keep that of their full-size axis;
+  bases take that of the axis they span. A mesh axis of an axis a state
+  reduces (the projected axis of a low-rank moment, the summed axis of a subset
+  norm) moves to a kept axis it divides, else to the rank axis; the
+  projections then produce that layout directly (a reduce-scatter through the
+  contraction's output sharding). Step counts and PRNG keys are replicated, and
+  so is an axis no mesh axis divides. The rule is read off ``tx.init`` itself,
+  traced under an Explicit copy of the mesh, so it is right for any chain of
+  optax and optax_lean transformations.
 
   Args:
     tx: An ``optax.GradientTransformation``.

@@ -95,15 +95,25 @@ class SubsetRule:
       return (*batch, n_in, 1)
     return (*batch, n_in * n_out // self.size, 1)
 
-  def state_spec(self, layout: MatrixLayout, like: Any, spec: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Sharding of the state, given the leaf ``like`` and its ``spec``."""
-    matrix_spec = tuple(layout.matrix_spec(spec))
+  def compute_spec(self, layout: MatrixLayout, like: Any) -> tuple[Any, ...]:
+    """Sharding of the state as the update computes it: the leaf's on the kept axis."""
+    matrix_spec = tuple(layout.matrix_spec(sharding.spec_of(like)))
     batch, in_spec, out_spec = matrix_spec[:-2], matrix_spec[-2], matrix_spec[-1]
     if self.kind == 'per_output':
       return (*batch, None, out_spec)
     if self.kind == 'per_input':
       return (*batch, in_spec, None)
     return (*batch, self._chunk_spec(layout, like, out_spec), None)
+
+  def state_spec(self, layout: MatrixLayout, like: Any) -> tuple[Any, ...]:
+    """Sharding of the stored state: ``compute_spec``, plus the mesh axes of summed axes.
+
+    Summing over a sharded axis would leave the state replicated; that mesh axis
+    moves to the kept axis when it divides it (``sharding.with_spare_axes``).
+    """
+    shape = self.state_shape(layout)
+    kept = len(shape) - (1 if self.kind == 'per_output' else 2)
+    return sharding.with_spare_axes(self.compute_spec(layout, like), shape, like, (kept,))
 
   def _chunk_spec(self, layout: MatrixLayout, like: Any, out_spec: Any) -> Any:
     # Chunks follow the PyTorch (out, in) order, so they can keep the output
@@ -264,7 +274,7 @@ def scale_by_subset_norm(
       if layout is None:
         nus.append(otu.zeros_like(p, dtype=dtype))
         continue
-      spec = rule.state_spec(layout, p, sharding.spec_of(p))
+      spec = rule.state_spec(layout, p)
       nus.append(sharding.zeros(rule.state_shape(layout), dtype, p, spec))
     return ScaleBySubsetNormState(
       count=jnp.zeros([], jnp.int32), nu=jax.tree.unflatten(treedef, nus)
@@ -283,8 +293,9 @@ def scale_by_subset_norm(
       real = dtypes.real_dtype(dtype)
       decay = jnp.asarray(b2, real)
       stat = rule.statistic(g.astype(dtype), layout)
-      accumulated = nu.astype(real) + stat
-      new_nu = jnp.where(decay == 1, accumulated, decay * nu.astype(real) + (1 - decay) * stat)
+      old_nu = nu.astype(real) if layout is None else sharding.reshard_like(nu.astype(real), stat)
+      accumulated = old_nu + stat
+      new_nu = jnp.where(decay == 1, accumulated, decay * old_nu + (1 - decay) * stat)
       denominator = jnp.sqrt(new_nu) + jnp.asarray(eps, real)
       if bias_correction:
         denominator = denominator / jnp.sqrt(1 - decay ** count_inc.astype(real))

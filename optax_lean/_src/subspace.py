@@ -67,10 +67,20 @@ class SubspacePlan:
     return tuple(self.layout.matrix_spec(sharding.spec_of(like)))
 
   def lowrank_zeros(self, like: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
-    """A zero low-rank state for the leaf ``like``, sharded along its full axis."""
+    """A zero low-rank state for the leaf ``like``, sharded over all of its mesh axes.
+
+    The kept axis keeps its sharding; a mesh axis of the projected one (or of a
+    merged group of axes) moves to the kept axis if it divides it, else to the
+    rank axis, so each device holds about ``1 / N`` of the state.
+    """
+    shape = self.lowrank_shape()
     spec = list(self._matrix_spec(like))
     spec[self.axis] = None
-    return sharding.zeros(self.lowrank_shape(), dtype, like, tuple(spec))
+    ndim = len(shape)
+    projected, kept = ndim + self.axis, ndim - 3 - self.axis
+    order = (kept, projected, *range(ndim - 2))
+    spec = sharding.with_spare_axes(tuple(spec), shape, like, order)
+    return sharding.zeros(shape, dtype, like, spec)
 
   def projector_zeros(
     self, like: jax.Array, dtype: jax.typing.DTypeLike | None = None
@@ -85,6 +95,9 @@ class SubspacePlan:
       state_dtype = like.dtype if dtype is None else dtype
     spec = self._matrix_spec(like)
     state_spec = self.projector.state_spec(spec[:-2], spec[self.axis])
+    if self.projector.splits_state:
+      order = tuple(range(len(self.layout.batch_shape), len(shape)))
+      state_spec = sharding.with_spare_axes(state_spec, shape, like, order)
     return sharding.zeros(shape, state_dtype, like, state_spec)
 
   def rows(self, g: jax.Array) -> jax.Array:
@@ -106,10 +119,22 @@ class SubspacePlan:
     return sharding.reshard(basis, (*spec[:-2], spec[-2], None))
 
   def refresh(
-    self, g_a: jax.Array, state: jax.Array, seed: int, leaf_index: int, count: chex.Array
+    self,
+    g_a: jax.Array,
+    state: jax.Array,
+    seed: int,
+    leaf_index: int,
+    count: chex.Array,
+    layer: chex.Array | None = None,
   ) -> jax.Array:
-    """The projector's new state from ``G_a``, with a key unique to leaf and step."""
+    """The projector's new state from ``G_a``, with a key unique to leaf and step.
+
+    ``layer``, the index of a stack's layer updated alone (``update_layer``),
+    is folded in too, so that the layers of a stack draw different numbers.
+    """
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf_index), count)
+    if layer is not None:
+      key = jax.random.fold_in(key, layer)
     return self.projector.refresh(g_a, state, self.rank, key)
 
 

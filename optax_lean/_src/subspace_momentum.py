@@ -154,14 +154,14 @@ def scale_by_subspace_momentum(
       projector=jax.tree.unflatten(treedef, projs),
     )
 
-  def update_matrix(g, mu, proj_state, plan, leaf_index, count_inc):
+  def update_matrix(g, mu, proj_state, plan, leaf_index, count_inc, layer):
     dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
     g_a = plan.rows(g)
     mu_a = plan.lowrank_rows(mu)
 
     def on_refresh(operands):
       mu_a, old = operands
-      new = plan.refresh(g_a, old, seed, leaf_index, count_inc)
+      new = plan.refresh(g_a, old, seed, leaf_index, count_inc, layer)
       if momentum_on_refresh == 'reset':
         mu_a = jnp.zeros_like(mu_a)
       elif momentum_on_refresh == 'rotate':
@@ -183,7 +183,7 @@ def scale_by_subspace_momentum(
       (mu_a, proj_state),
     )
     basis = plan.basis(proj_state, g_a, g.dtype)
-    projected = proj_lib.project(g_a, basis, dtype)
+    projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
     decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
     momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
     numerator = g_a.astype(dtype) + proj_lib.back_project(
@@ -194,7 +194,7 @@ def scale_by_subspace_momentum(
       momentum = jnp.where(reset, jnp.zeros_like(momentum), momentum)
     return plan.unrows(numerator), plan.lowrank_rows(momentum), proj_state
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, layer=None, **extra_args):
     del params, extra_args
     updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
@@ -209,7 +209,9 @@ def scale_by_subspace_momentum(
         numerator = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
         new_mu = numerator
       else:
-        numerator, new_mu, proj_state = update_matrix(g, mu, proj_state, plan, index, count_inc)
+        numerator, new_mu, proj_state = update_matrix(
+          g, mu, proj_state, plan, index, count_inc, layer
+        )
       if bias_correction:
         real = dtypes.real_dtype(numerator.dtype)
         decay = jnp.asarray(b1, real)
