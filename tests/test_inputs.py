@@ -17,6 +17,7 @@ import pytest
 
 import optax_lean
 from optax_lean import DimensionNumbers
+from tests.test_invariants import outputs
 
 GAP = 3
 FACTORIES = {
@@ -62,13 +63,7 @@ def draw(shapes, dtype, seed):
 
 def run_updates(tx, params, grads):
   """The updates of a jitted run over the list ``grads`` (params fixed)."""
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = update(g, state, params)
-    outs.append(u)
-  return outs
+  return outputs(tx, grads, params)[0]
 
 
 # Complex parameters.

@@ -29,8 +29,9 @@ def gradient_stream(steps, seed=0):
   ]
 
 
-def outputs(tx, grads):
-  params = jax.tree.map(jnp.zeros_like, grads[0])
+def outputs(tx, grads, params=None):
+  """The updates of a jitted run over the list ``grads`` (params fixed, zeros by default)."""
+  params = jax.tree.map(jnp.zeros_like, grads[0]) if params is None else params
   state = tx.init(params)
   update = jax.jit(tx.update)
   result = []
