@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -150,8 +151,9 @@ def _quiet_failed_reads() -> None:
   """Keeps the echoes of damaged steps off stderr (installed once, by ``Checkpointer``).
 
   A damaged step is reported once, in one line, by ``restore``. Dropped are
-  the after-effects of a failed read (``_echoes_a_failed_read``, and asyncio's
-  log of an orbax read task whose exception nobody retrieved) and orbax's
+  the after-effects of a failed read (``_echoes_a_failed_read``, asyncio's log
+  of an orbax read task whose exception nobody retrieved, and the warning that
+  such a read coroutine was never awaited) and orbax's
   warning, while listing steps, that a step's metadata file is missing; every
   other unraisable error and log record still goes through.
   """
@@ -163,6 +165,21 @@ def _quiet_failed_reads() -> None:
     lambda record: not record.getMessage().startswith('Metadata file does not exist')
   )
   logging.getLogger('asyncio').addFilter(lambda record: not _orphaned_orbax_read(record))
+  # An orbax read coroutine that the failed restore never awaited warns when collected.
+  warnings.filterwarnings(
+    'ignore',
+    message=f"coroutine '({'|'.join(ORBAX_READS)})' was never awaited",
+    category=RuntimeWarning,
+  )
+
+
+# orbax's read coroutines (orbax/checkpoint/_src/serialization/serialization.py).
+ORBAX_READS = (
+  '_read_shard',
+  '_read_array_index_and_device_put',
+  '_read_and_create_array',
+  'async_deserialize',
+)
 
 
 def _orphaned_orbax_read(record: logging.LogRecord) -> bool:
