@@ -40,17 +40,6 @@ def _devices_of(mesh: str) -> int:
   return math.prod(int(part.split('=')[1]) for part in mesh.split(','))
 
 
-def _configure_devices(argv: list[str] | None) -> None:
-  """Sets the fake device count before JAX starts its backend."""
-  args = sys.argv[1:] if argv is None else argv
-  mesh = next((a.split('=', 1)[1] for a in args if a.startswith('--mesh=')), None)
-  if mesh is None and '--mesh' in args:
-    mesh = args[args.index('--mesh') + 1]
-  import jax
-
-  jax.config.update('jax_num_cpu_devices', _devices_of(mesh or 'fsdp=8'))
-
-
 GIB = 2**30
 PAPER_RANK = {'60m': 128, '130m': 256, '350m': 256, '1b': 512, '7b': 1024}
 PAPER_BATCH = 512  # sequences of 256 tokens (GaLore, SN-SM)
@@ -204,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--json', default=None, help='write {model: {label: {...}}} here')
   parser.add_argument('--out', default=None, help='write the markdown tables here')
   args = parser.parse_args(argv)
-  _configure_devices(argv)
+  import jax  # after parsing: the fake device count must be set before JAX starts
+
+  jax.config.update('jax_num_cpu_devices', _devices_of(args.mesh))
   from benchmarks import report
 
   devices = _devices_of(args.mesh)

@@ -338,14 +338,6 @@ def build(cfg: TrainConfig) -> Run:
     opt_state = layerwise.init(tx, params) if cfg.layerwise else tx.init(split(params)[0])
     return TrainState(jnp.zeros([], jnp.int32), params, opt_state)
 
-  if cfg.layerwise:
-    block_graphdef = nnx.split(nnx.eval_shape(lambda: Block(model_cfg, nnx.Rngs(0))))[0]
-    layer_step = layerwise.make_step(graphdef, block_graphdef, tx, cfg.clip_norm)
-
-  def layerwise_step(state: TrainState, inputs, targets):
-    params, opt_state, loss, grad_norm = layer_step(state.params, state.opt_state, inputs, targets)
-    return TrainState(state.step + 1, params, opt_state), {'loss': loss, 'grad_norm': grad_norm}
-
   def train_step(state: TrainState, inputs, targets):
     trainable, frozen = split(state.params)
     loss, grads = jax.value_and_grad(lambda t: loss_fn(graphdef, join(t, frozen), inputs, targets))(
@@ -370,6 +362,15 @@ def build(cfg: TrainConfig) -> Run:
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
     return TrainState(step, params, opt_state), metrics
 
+  step_fn = train_step
+  if cfg.layerwise:
+    block_graphdef = nnx.split(nnx.eval_shape(lambda: Block(model_cfg, nnx.Rngs(0))))[0]
+    layer_step = layerwise.make_step(graphdef, block_graphdef, tx, cfg.clip_norm)
+
+    def step_fn(state: TrainState, inputs, targets):
+      params, opt_state, loss, norm = layer_step(state.params, state.opt_state, inputs, targets)
+      return TrainState(state.step + 1, params, opt_state), {'loss': loss, 'grad_norm': norm}
+
   return Run(
     cfg=cfg,
     batches=batches,
@@ -385,7 +386,7 @@ def build(cfg: TrainConfig) -> Run:
     join=join,
     init_state=jax.jit(init_state, out_shardings=state_shd),
     step_fn=jax.jit(
-      layerwise_step if cfg.layerwise else train_step,
+      step_fn,
       in_shardings=(state_shd, batch_shd, batch_shd),
       out_shardings=(state_shd, replicated),
       donate_argnums=0,

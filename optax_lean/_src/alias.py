@@ -4,7 +4,7 @@ Each alias is an ``optax.chain`` of a ``scale_by_*`` core,
 ``optax.scale_by_learning_rate`` and ``add_decayed_weights_after_update``,
 reproducing the official ``GenericOptim`` (Hugging Face flavour: ``eps`` on the
 uncorrected second moment, weight decay after the update). Leaves chosen by
-``mask`` (default: every 2-D leaf whose path has no ``embed``) get the
+``mask`` (default: ``default_mask``, the linear kernels) get the
 Subset-Norm / Subspace-Momentum rule; the others get the same base rule
 without it, as the official code's plain parameter group does.
 """
@@ -90,7 +90,7 @@ def adamsnsm(
     subset_size: ``'heuristic'`` or a non-zero int (see
       ``scale_by_subset_norm``).
     mask: Leaves that get SN/SM: a pytree (or prefix) of bools, or a callable
-      returning one. Default: every 2-D leaf whose path has no ``embed``.
+      returning one. Default: ``default_mask``, the linear kernels.
     momentum_on_refresh: ``'official'`` (default), ``'reset'``, ``'keep'`` or
       ``'rotate'``.
     dimension_numbers: How selected leaves read as ``(…, in, out)``; see
@@ -124,7 +124,6 @@ def adamsnsm(
     Subspace-Momentum with Convergence Guarantees
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
-  rank = 128 if rank is None else rank
   checks.in_interval('b2', b2, 0.0, 1.0)
   core = scale_by_ratio(
     scale_by_subspace_momentum(
@@ -189,7 +188,7 @@ def adamsn(
     weight_decay: Decoupled weight decay, applied after the update.
     subset_size: ``'heuristic'`` or a non-zero int (see
       ``scale_by_subset_norm``).
-    mask: Leaves that get SN (default: 2-D leaves without ``embed``).
+    mask: Leaves that get SN (default: ``default_mask``, the linear kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: Momentum dtype (default: the parameter's).
     nu_dtype: Second-moment dtype (default: the parameter's, real for
@@ -255,7 +254,7 @@ def rmsprop_sn(
     eps: Added to the root of the second moment.
     weight_decay: Decoupled weight decay, applied after the update.
     subset_size: ``'heuristic'`` or a non-zero int.
-    mask: Leaves that get SN (default: 2-D leaves without ``embed``).
+    mask: Leaves that get SN (default: ``default_mask``, the linear kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     nu_dtype: Second-moment dtype (default: the parameter's, real for
       complex parameters).
@@ -316,7 +315,7 @@ def adagrad_sn(
     eps: Added to the root of the accumulator.
     weight_decay: Decoupled weight decay, applied after the update.
     subset_size: ``'heuristic'`` or a non-zero int.
-    mask: Leaves that get SN (default: 2-D leaves without ``embed``).
+    mask: Leaves that get SN (default: ``default_mask``, the linear kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: Momentum dtype (default: the parameter's).
     nu_dtype: Accumulator dtype (default: the parameter's, real for
@@ -391,7 +390,7 @@ def adagrad_snsm(
     update_proj_gap: Steps between projector refreshes.
     subset_size: ``'heuristic'`` or a non-zero int.
     projector: See ``scale_by_subspace_momentum``.
-    mask: Leaves that get SN/SM (default: 2-D leaves without ``embed``).
+    mask: Leaves that get SN/SM (default: ``default_mask``, the linear kernels).
     momentum_on_refresh: ``'official'``, ``'reset'``, ``'keep'`` or ``'rotate'``.
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: Momentum dtype (default: the parameter's).
@@ -416,7 +415,6 @@ def adagrad_snsm(
     Subspace-Momentum with Convergence Guarantees
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
-  rank = 128 if rank is None else rank
   core = scale_by_ratio(
     scale_by_subspace_momentum(
       b1,
@@ -472,7 +470,7 @@ def sgd_sm(
     rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: Steps between projector refreshes.
     projector: See ``scale_by_subspace_momentum``.
-    mask: Leaves that get SM (default: 2-D leaves without ``embed``).
+    mask: Leaves that get SM (default: ``default_mask``, the linear kernels).
     momentum_on_refresh: ``'official'``, ``'reset'``, ``'keep'`` or ``'rotate'``.
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: Momentum dtype (default: the parameter's).
@@ -495,7 +493,6 @@ def sgd_sm(
     Subspace-Momentum with Convergence Guarantees
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
-  rank = 128 if rank is None else rank
   core = scale_by_subspace_momentum(
     b1,
     rank,

@@ -58,6 +58,11 @@ DimensionNumbersOrFn = DimensionNumbers | Any | Callable[[Any], Any]
 MaskOrFn = Any | Callable[[Any], Any]
 
 
+def axes_field(axes: tuple[int, ...]) -> Axes:
+  """``axes`` as a ``DimensionNumbers`` field: a single axis as an int."""
+  return axes[0] if len(axes) == 1 else axes
+
+
 def _as_axes(axes: Axes, ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
   for axis in axes:
@@ -228,8 +233,10 @@ def _read_from_bias(shape: tuple[int, ...], bias: tuple[int, ...]) -> DimensionN
   if len(readings) != 1:
     return None
   n_batch, n_in = readings[0]
-  axes = lambda start, stop: start if stop - start == 1 else tuple(range(start, stop))
-  return DimensionNumbers(axes(n_batch, n_batch + n_in), axes(n_batch + n_in, ndim))
+  return DimensionNumbers(
+    axes_field(tuple(range(n_batch, n_batch + n_in))),
+    axes_field(tuple(range(n_batch + n_in, ndim))),
+  )
 
 
 def _infer(tree: Any) -> tuple[list[DimensionNumbers | None], list[str]]:

@@ -126,7 +126,7 @@ def scale_by_subspace_adam(
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
     nu_dtype: Second-moment dtype (default: the leaf's, real for
-      complex leafs).
+      complex leaves).
     projector_dtype: Stored-basis dtype (default: the leaf's).
     seed: Seed of random projectors.
 
@@ -255,14 +255,13 @@ def scale_by_galore(
       released code's ``random``: a random orthonormal basis, only a key is
       stored) or a ``Projector``.
     mask: Leaves that get a subspace: a pytree (or prefix) of bools, or a
-      callable returning one. Default: every 2-D leaf whose path has no
-      ``embed`` (see ``galore`` for how this differs from the official
-      selection).
+      callable returning one. Default: ``default_mask``, the linear kernels
+      (see ``galore`` for how this differs from the official selection).
     dimension_numbers: How selected leaves read as ``(…, in, out)``; see
       ``DimensionNumbers``.
     mu_dtype: First-moment dtype (default: the leaf's).
     nu_dtype: Second-moment dtype (default: the leaf's, real for
-      complex leafs).
+      complex leaves).
     projector_dtype: Stored-basis dtype (default: the leaf's).
     seed: Seed of the random projectors.
 
@@ -331,8 +330,8 @@ def galore(
   **Which leaves.** The official training script projects only the
   ``nn.Linear`` weights whose name contains ``attn`` or ``mlp``; the output
   head, embeddings and norms get plain AdamW. The default here is the
-  library's ``default_mask``: every 2-D leaf whose path has no ``embed`` (the
-  output head included). To reproduce the official selection pass e.g.
+  library's ``default_mask``: every linear kernel (the output head
+  included). To reproduce the official selection pass e.g.
   ``mask=lambda params: jax.tree_util.tree_map_with_path(lambda path, p:
   any(k in jax.tree_util.keystr(path) for k in ('attn', 'mlp')) and p.ndim
   == 2, params)``.
@@ -358,7 +357,7 @@ def galore(
     scale: Factor on projected leaves' updates.
     projector: ``'svd'``, ``'randomized_svd'``, ``'random'`` or a
       ``Projector``.
-    mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
+    mask: Leaves that get a subspace (default: ``default_mask``, the linear kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the parameter's).
     nu_dtype: Second-moment dtype (default: the parameter's, real for
@@ -388,7 +387,6 @@ def galore(
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024
   """
-  rank = 128 if rank is None else rank
   core = scale_by_galore(
     b1,
     b2,

@@ -124,12 +124,12 @@ def scale_by_ldadam(
     projector: ``'power_iteration'`` (official default), ``'svd'`` (an exact
       SVD of :math:`Y` every step, the official ``proj_method='svd'``) or a
       ``Projector``.
-    mask: Leaves that get a subspace (default: 2-D leaves without ``embed``;
+    mask: Leaves that get a subspace (default: ``default_mask``, the linear kernels;
       the official scripts select the attention and MLP kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
     nu_dtype: Second-moment dtype (default: the leaf's, real for
-      complex leafs).
+      complex leaves).
     projector_dtype: Basis dtype (default: the leaf's).
     error_dtype: Error-buffer dtype (default: the leaf's).
 
@@ -299,7 +299,7 @@ def ldadam(
     rho: Momentum weight in the tracked matrix, in ``[0, 1)``.
     error_feedback: Keep the full-size error buffer (see
       ``scale_by_ldadam``).
-    mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
+    mask: Leaves that get a subspace (default: ``default_mask``, the linear kernels).
     projector: ``'power_iteration'``, ``'svd'`` or a ``Projector``.
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the parameter's).
@@ -328,7 +328,6 @@ def ldadam(
     Robert et al., `LDAdam: Adaptive Optimization from Low-Dimensional
     Gradient Statistics <https://arxiv.org/abs/2410.16103>`_, ICLR 2025
   """
-  rank = 16 if rank is None else rank
   core = scale_by_ldadam(
     b1,
     b2,

@@ -18,14 +18,10 @@ from typing import Any
 
 import jax
 
-from optax_lean._src.dimension_numbers import DimensionNumbers, path_names
+from optax_lean._src.dimension_numbers import DimensionNumbers, axes_field, path_names
 
 Path = tuple[str, ...]
 _NAME = 'nnx_dimension_numbers'
-
-
-def _axes(axes: tuple[int, ...]) -> int | tuple[int, ...]:
-  return axes[0] if len(axes) == 1 else axes
 
 
 def _reading(
@@ -42,7 +38,7 @@ def _reading(
   if stack < 0 or tuple(shape[stack:]) != tuple(own_shape) or not in_axes or not out_axes:
     return None
   return DimensionNumbers(
-    _axes(tuple(stack + a for a in in_axes)), _axes(tuple(stack + a for a in out_axes))
+    axes_field(tuple(stack + a for a in in_axes)), axes_field(tuple(stack + a for a in out_axes))
   )
 
 
@@ -138,20 +134,18 @@ def nnx_dimension_numbers(model: Any, wrt: Any = None) -> Callable[[Any], Any]:
     axes differs from that parameter's.
 
   Examples:
-    >>> import jax
+    >>> import jax, optax_lean
     >>> from flax import nnx
-    >>> from optax_lean._src.dimension_numbers import DimensionNumbers, path_names
-    >>> from optax_lean._src.nnx_layouts import nnx_dimension_numbers
     >>> class Model(nnx.Module):
     ...   def __init__(self, rngs):
     ...     self.attn = nnx.MultiHeadAttention(
     ...         num_heads=2, in_features=8, decode=False, rngs=rngs)
     ...     self.conv = nnx.Conv(3, 5, (3, 3), rngs=rngs)
     >>> model = Model(nnx.Rngs(0))
-    >>> fn = nnx_dimension_numbers(model)
+    >>> fn = optax_lean.nnx_dimension_numbers(model)
     >>> state = nnx.state(model, nnx.Param)
     >>> readings = fn(state)
-    >>> is_dims = lambda x: x is None or isinstance(x, DimensionNumbers)
+    >>> is_dims = lambda x: x is None or isinstance(x, optax_lean.DimensionNumbers)
     >>> for path, dims in jax.tree.leaves_with_path(readings, is_leaf=is_dims):
     ...   print(jax.tree_util.keystr(path), dims)
     ['attn']['key']['bias'].value None
@@ -166,7 +160,6 @@ def nnx_dimension_numbers(model: Any, wrt: Any = None) -> Callable[[Any], Any]:
     ['conv']['kernel'].value DimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
     >>> fn(nnx.to_pure_dict(state))['attn']['out']  # the same readings for a pure dict
     {'bias': None, 'kernel': DimensionNumbers(reduction_axis=(0, 1), output_axis=2)}
-    >>> import optax_lean
     >>> tx = optax_lean.adamsnsm(1e-2, rank=2, dimension_numbers=fn)
     >>> opt_state = tx.init(state)
   """

@@ -138,11 +138,11 @@ def scale_by_online_subspace_descent(
     projector_weight_decay: Its decoupled weight decay, ``>= 0``.
     orthogonality_penalty: :math:`\lambda \geq 0`, the weight of the
       paper's :math:`\|P^\top P - I\|_F^2` term (0 in the released code).
-    mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
+    mask: Leaves that get a subspace (default: ``default_mask``, the linear kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
     nu_dtype: Second-moment dtype (default: the leaf's, real for
-      complex leafs).
+      complex leaves).
     projector_dtype: Dtype of the basis and of its AdamW moments (default:
       the leaf's).
 
@@ -300,7 +300,7 @@ def online_subspace_descent(
     rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: :math:`T` in the projector's step size.
     scale: Factor on projected leaves' updates.
-    mask: Leaves that get a subspace (default: 2-D leaves without ``embed``;
+    mask: Leaves that get a subspace (default: ``default_mask``, the linear kernels;
       the official scripts select the attention and MLP kernels).
     base_learning_rate: :math:`\eta_0`; default ``learning_rate`` when it is
       a float.
@@ -338,7 +338,6 @@ def online_subspace_descent(
     Liang et al., `Memory-Efficient LLM Training with Online Subspace Descent
     <https://arxiv.org/abs/2408.12857>`_, NeurIPS 2024
   """
-  rank = 128 if rank is None else rank
   if learning_rate is None or base_learning_rate is None:
     if callable(learning_rate):
       raise ValueError(

@@ -102,11 +102,11 @@ def scale_by_random_subspace(
     side: The axis the basis spans: ``'in'`` (default: the input side, where
       the model-side option saves activations), ``'out'``, ``'smaller'`` or
       ``'larger'``.
-    mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
+    mask: Leaves that get a subspace (default: ``default_mask``, the linear kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
     nu_dtype: Second-moment dtype (default: the leaf's, real for
-      complex leafs).
+      complex leaves).
     seed: Seed of the random bases.
 
   Returns:
@@ -179,7 +179,7 @@ def rso(
     weight_decay: Decoupled weight decay, ``>= 0``.
     rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: Steps per outer iteration.
-    mask: Leaves that get a subspace (default: 2-D leaves without ``embed``).
+    mask: Leaves that get a subspace (default: ``default_mask``, the linear kernels).
     side: The axis the basis spans (default ``'in'``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the parameter's).
@@ -208,7 +208,6 @@ def rso(
     for Training Large Language Models <https://arxiv.org/abs/2502.07222>`_,
     ICML 2025
   """
-  rank = 128 if rank is None else rank
   core = scale_by_random_subspace(
     b1,
     b2,

@@ -47,14 +47,20 @@ def spec_of(x: Any) -> tuple[Any, ...]:
   return padded_spec(spec, jnp.ndim(x))
 
 
+def mesh_axes(entry: Any) -> tuple[str, ...]:
+  """The mesh axis names of one ``PartitionSpec`` entry (``None``, a name or a tuple)."""
+  if entry is None:
+    return ()
+  return entry if isinstance(entry, tuple) else (entry,)
+
+
 def num_shards(x: Any, entry: Any) -> int:
   """How many shards the spec ``entry`` makes on ``x``'s explicit mesh."""
   sharding = explicit_sharding(x)
-  if sharding is None or entry is None:
+  if sharding is None:
     return 1
-  names = entry if isinstance(entry, tuple) else (entry,)
   count = 1
-  for name in names:
+  for name in mesh_axes(entry):
     count *= sharding.mesh.shape[name]
   return count
 
@@ -74,17 +80,16 @@ def with_spare_axes(
   target = explicit_sharding(like)
   if target is None:
     return spec
-  names = lambda entry: () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-  used = {name for entry in spec for name in names(entry)}
+  used = {name for entry in spec for name in mesh_axes(entry)}
   spec = list(spec)
   for entry in padded_spec(target.spec, jnp.ndim(like)):
-    if not names(entry) or used & set(names(entry)):
+    if not mesh_axes(entry) or used & set(mesh_axes(entry)):
       continue
     size = num_shards(like, entry)
     for axis in order:
       if spec[axis] is None and shape[axis] % size == 0:
         spec[axis] = entry
-        used.update(names(entry))
+        used.update(mesh_axes(entry))
         break
   return tuple(spec)
 

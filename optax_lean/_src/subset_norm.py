@@ -226,8 +226,8 @@ def scale_by_subset_norm(
     bias_correction: Multiply by :math:`\sqrt{1 - \beta_2^t}`; needs
       ``b2 < 1``.
     mask: Which leaves get subsets: a pytree (or prefix) of bools, or a
-      callable returning one. Default: every 2-D leaf whose path does not
-      contain ``embed``.
+      callable returning one. Default: ``default_mask``, the linear
+      kernels.
     dimension_numbers: How selected leaves read as ``(…, in, out)``; see
       ``DimensionNumbers``. Default: the last two axes.
     nu_dtype: Dtype of the second moment; default: the leaf's dtype (its
@@ -293,7 +293,7 @@ def scale_by_subset_norm(
       real = dtypes.real_dtype(dtype)
       decay = jnp.asarray(b2, real)
       stat = rule.statistic(g.astype(dtype), layout)
-      old_nu = nu.astype(real) if layout is None else sharding.reshard_like(nu.astype(real), stat)
+      old_nu = sharding.reshard_like(nu.astype(real), stat)  # the stored layout may differ
       accumulated = old_nu + stat
       new_nu = jnp.where(decay == 1, accumulated, decay * old_nu + (1 - decay) * stat)
       denominator = jnp.sqrt(new_nu) + jnp.asarray(eps, real)

@@ -99,8 +99,8 @@ def scale_by_subspace_momentum(
       ``'rotate'`` (see above).
     bias_correction: Divide by :math:`1 - \beta_1^t`.
     mask: Which leaves get the subspace: a pytree (or prefix) of bools, or a
-      callable returning one. Default: every 2-D leaf whose path does not
-      contain ``embed``.
+      callable returning one. Default: ``default_mask``, the linear
+      kernels.
     dimension_numbers: How selected leaves read as ``(…, in, out)``; see
       ``DimensionNumbers``. Default: the last two axes, leading axes batch.
     mu_dtype: Dtype of the momentum; default: the leaf's dtype.
