@@ -35,10 +35,7 @@ import sys
 import tempfile
 import time
 
-
-def _devices_of(mesh: str) -> int:
-  return math.prod(int(part.split('=')[1]) for part in mesh.split(','))
-
+from benchmarks import cpu_devices
 
 GIB = 2**30
 PAPER_RANK = {'60m': 128, '130m': 256, '350m': 256, '1b': 512, '7b': 1024}
@@ -164,7 +161,7 @@ def table(size: str, mesh: str, batch: int, rows: dict[str, Measurement]) -> str
   gib = lambda n: f'{n / GIB:.3f}'
   adamw = rows.get('adamw')
   lines = [
-    f'**{size}**, mesh {mesh}, batch {batch} x 256 tokens ({batch // _devices_of(mesh)} per '
+    f'**{size}**, mesh {mesh}, batch {batch} x 256 tokens ({batch // cpu_devices.count(mesh)} per '
     'device), float32 parameters, per device (GiB)',
     '',
     '| label | state / device | state total | share | arguments | outputs | temporaries | '
@@ -193,12 +190,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--json', default=None, help='write {model: {label: {...}}} here')
   parser.add_argument('--out', default=None, help='write the markdown tables here')
   args = parser.parse_args(argv)
-  import jax  # after parsing: the fake device count must be set before JAX starts
-
-  jax.config.update('jax_num_cpu_devices', _devices_of(args.mesh))
+  cpu_devices.use(cpu_devices.count(args.mesh))  # before JAX starts
   from benchmarks import report
 
-  devices = _devices_of(args.mesh)
+  devices = cpu_devices.count(args.mesh)
   labels = args.labels.split(',')
   if args.scan_layers:
     labels += [f'{label}+scan' for label in labels if '+scan' not in label]

@@ -19,6 +19,7 @@ from optax_lean._src.online_subspace import (
   scale_by_online_subspace_descent,
 )
 from optax_lean._src.projectors import (
+  PROJECTORS,
   PowerIterationProjector,
   Projector,
   RandomizedSVDProjector,
@@ -26,6 +27,7 @@ from optax_lean._src.projectors import (
   SVDProjector,
   TopKProjector,
   UniformProjector,
+  get_projector,
 )
 from optax_lean._src.rso import ScaleByRandomSubspaceState, rso, scale_by_random_subspace
 from optax_lean._src.sharding import state_sharding
@@ -38,6 +40,7 @@ from optax_lean._src.subspace_momentum import (
 __version__ = '0.1.0'
 
 __all__ = (
+  'PROJECTORS',
   'AddDecayedWeightsAfterUpdateState',
   'DimensionNumbers',
   'PowerIterationProjector',
@@ -61,6 +64,7 @@ __all__ = (
   'add_decayed_weights_after_update',
   'default_mask',
   'galore',
+  'get_projector',
   'layer_axes',
   'ldadam',
   'merge_layers',

@@ -54,7 +54,7 @@ CASES = {
   ),
   'unknown_model': Case(2, "unknown --model '2b'; choose one of toy", ('--model', '2b')),
   'unknown_projector': Case(
-    2, "unknown --projector 'qr'; choose one of svd", ('--projector', 'qr')
+    2, "unknown --projector 'qr'; choose auto or one of svd", ('--projector', 'qr')
   ),
   'mesh_not_dividing_the_devices': Case(
     2, '--mesh data=3 needs 3 devices, which does not divide the 8', ('--mesh', 'data=3')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -271,3 +272,28 @@ def test_cli_resume_into_another_models_checkpoint_moves_nothing(
   assert out.stderr.count('\n') == 1
   assert 'holds a state of another structure or shape' in out.stderr
   assert sorted(os.listdir(directory)) == ['12', '8']
+
+
+@pytest.mark.parametrize(
+  'message, dropped',
+  [
+    (  # tensorstore's read future of a truncated array file: no orbax frame, no Task
+      'Future exception was never retrieved\nfuture: <Future finished exception=ValueError('
+      '"OUT_OF_RANGE: Error reading local file \\"d/ocdbt.process_0/d/x\\" '
+      "[source locations='tensorstore/kvstore/file/file_key_value_store.cc:270']\")>",
+      True,
+    ),
+    (  # orbax's own read task
+      "Task exception was never retrieved\nfuture: <Task finished name='Task-9' coro=<_read_shard"
+      '() done, defined at /site-packages/orbax/checkpoint/_src/serialization/serialization.py:1>',
+      True,
+    ),
+    ('Future exception was never retrieved\nfuture: <Future exception=KeyError(3)>', False),
+  ],
+)
+def test_only_echoes_of_failed_reads_are_dropped_from_asyncio_logs(message, dropped):
+  """After a damaged step, asyncio's logs of orphaned tensorstore reads are dropped, no others."""
+  from examples.llama import checkpoint
+
+  record = logging.LogRecord('asyncio', logging.ERROR, __file__, 1, message, None, None)
+  assert checkpoint._orphaned_orbax_read(record) is dropped

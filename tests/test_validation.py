@@ -27,7 +27,7 @@ AT_CONSTRUCTION = [
   (lambda: optax_lean.rmsprop_sn(1e-2, eps=-1.0), r'eps must be >= 0'),
   (lambda: optax_lean.adamsn(1e-2, subset_size=0), r"subset_size must be 'heuristic' or a non"),
   (lambda: optax_lean.adamsn(1e-2, subset_size='rows'), r"subset_size must be 'heuristic'"),
-  (lambda: optax_lean.adamsnsm(1e-2, projector='qr'), r'projector must be one of \['),
+  (lambda: optax_lean.adamsnsm(1e-2, projector='qr'), r"projector must be 'auto', one of \["),
   (
     lambda: optax_lean.adamsnsm(1e-2, momentum_on_refresh='drop'),
     r"momentum_on_refresh must be one of \('official', 'reset', 'keep', 'rotate'\)",
@@ -39,7 +39,7 @@ AT_CONSTRUCTION = [
   (lambda: optax_lean.galore(1e-2, b2=-0.1), r'b2 must be in \[0.0, 1.0\), got -0.1'),
   (lambda: optax_lean.galore(1e-2, eps=-1e-6), r'eps must be >= 0'),
   (lambda: optax_lean.galore(1e-2, weight_decay=-0.1), r'weight_decay must be >= 0'),
-  (lambda: optax_lean.galore(1e-2, projector='qr'), r'projector must be one of \['),
+  (lambda: optax_lean.galore(1e-2, projector='qr'), r"projector must be 'auto', one of \["),
   (lambda: optax_lean.ldadam(1e-2, rank=0), r'rank must be an int >= 1, got 0'),
   (lambda: optax_lean.ldadam(1e-2, b2=1.0), r'b2 must be in \[0.0, 1.0\), got 1.0'),
   (lambda: optax_lean.ldadam(1e-2, rho=1.0), r'rho must be in \[0.0, 1.0\), got 1.0'),

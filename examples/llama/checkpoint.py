@@ -182,19 +182,24 @@ ORBAX_READS = (
 )
 
 
+# What tensorstore's read errors say: their source location, or an absl status code.
+TENSORSTORE_READ_ERRORS = ("source locations='tensorstore", 'OUT_OF_RANGE:', 'DATA_LOSS:')
+
+
 def _orphaned_orbax_read(record: logging.LogRecord) -> bool:
   """Whether asyncio logs an orbax read whose exception nobody retrieved.
 
-  The orphan is a ``Task`` (its repr names orbax's coroutine) or a
+  The orphan is a ``Task`` (its repr names orbax's coroutine), a
   ``_GatheringFuture`` of such reads (its exception's traceback runs through
-  orbax).
+  orbax) or a bare ``Future`` of a tensorstore read (its error names
+  tensorstore's source or a read status such as ``OUT_OF_RANGE``).
   """
   message = record.getMessage()
   if 'exception was never retrieved' not in message.split('\n', 1)[0]:
     return False
-  if 'orbax' in message:
-    return True
   error = record.exc_info[1] if record.exc_info else None
+  if any(marker in f'{message} {error}' for marker in ('orbax', *TENSORSTORE_READ_ERRORS)):
+    return True
   while error is not None:
     frames = traceback.extract_tb(error.__traceback__)
     if any('orbax' in frame.filename for frame in frames):

@@ -28,7 +28,7 @@ class Hyperparameters:
   weight_decay: float = 0.0
   rank: int = 32
   update_proj_gap: int = 100
-  projector: str = 'svd'
+  projector: str = 'auto'  # the exact SVD on CPU, randomized on GPU and TPU
   subset_size: str | int = 'heuristic'
   momentum_on_refresh: str = 'official'
   state_dtype: str | None = None  # e.g. 'bfloat16' for every state; None: the parameters'
@@ -226,18 +226,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
 }
 
 
-PROJECTORS: dict[str, type[optax_lean.Projector]] = {
-  cls.name: cls
-  for cls in (
-    optax_lean.SVDProjector,
-    optax_lean.RandomizedSVDProjector,
-    optax_lean.RandomProjector,
-    optax_lean.UniformProjector,
-    optax_lean.TopKProjector,
-  )
-}
-
-
 def rank_problem(name: str, hparams: Hyperparameters, params: Any) -> str | None:
   """Why ``hparams.rank`` cannot work for ``params``, or ``None`` if it can.
 
@@ -247,7 +235,7 @@ def rank_problem(name: str, hparams: Hyperparameters, params: Any) -> str | None
   """
   if not REGISTRY[name].low_rank:
     return None
-  projector = PROJECTORS[hparams.projector]()
+  projector = optax_lean.get_projector(hparams.projector)
   selected = jax.tree.leaves(linear_kernels(params))
   limit = max(
     projector.max_rank(*p.shape[-2:])
@@ -258,7 +246,7 @@ def rank_problem(name: str, hparams: Hyperparameters, params: Any) -> str | None
     return None
   return (
     f'--rank {hparams.rank} is larger than any matrix of this model allows with the '
-    f'{hparams.projector!r} projector (at most {limit})'
+    f'{projector.name!r} projector (at most {limit})'
   )
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, TextIO
 
 import jax
@@ -59,7 +61,7 @@ class TrainConfig:
   weight_decay: float = 0.0
   rank: int | None = None  # None: a quarter of the model width, as the papers' ranks
   update_proj_gap: int = 100
-  projector: str = 'svd'
+  projector: str = 'auto'  # the exact SVD on CPU, randomized on GPU and TPU
   subset_size: str = 'heuristic'
   momentum_on_refresh: str = 'official'
   state_dtype: str | None = None  # 'bfloat16' or 'float32' for every optimizer state; None: params'
@@ -149,6 +151,22 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, stacked: bool) -> P:
     return P()
   axis = max(candidates, key=lambda a: shape[a])
   return P(*[('fsdp' if a == axis else None) for a in range(len(shape))])
+
+
+def on_mesh(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
+  """``fn`` traced with ``mesh`` as the context mesh.
+
+  The optimizer then shares each projector refresh out over the mesh (each
+  device decomposes its own layers of a stack, ``optax_lean.state_sharding``'s
+  docs), which it can only do when it knows the mesh.
+  """
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
 
 
 def learning_rate_schedule(cfg: TrainConfig, peak: float) -> optax.Schedule:
@@ -386,7 +404,7 @@ def build(cfg: TrainConfig) -> Run:
     join=join,
     init_state=jax.jit(init_state, out_shardings=state_shd),
     step_fn=jax.jit(
-      step_fn,
+      on_mesh(mesh, step_fn),
       in_shardings=(state_shd, batch_shd, batch_shd),
       out_shardings=(state_shd, replicated),
       donate_argnums=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import optax_lean
 from examples.llama import data as data_lib
 from examples.llama import optimizers
 from examples.llama.configs import CONFIGS
@@ -24,9 +25,10 @@ def config_problems(cfg: Any) -> list[str]:
     )
   if cfg.model not in CONFIGS:
     problems.append(f'unknown --model {cfg.model!r}; choose one of {", ".join(CONFIGS)}')
-  if cfg.projector not in optimizers.PROJECTORS:
+  if cfg.projector != 'auto' and cfg.projector not in optax_lean.PROJECTORS:
     problems.append(
-      f'unknown --projector {cfg.projector!r}; choose one of {", ".join(optimizers.PROJECTORS)}'
+      f'unknown --projector {cfg.projector!r}; choose auto or one of '
+      f'{", ".join(optax_lean.PROJECTORS)}'
     )
   if cfg.state_dtype is not None and cfg.state_dtype not in optimizers.STATE_DTYPES:
     problems.append(

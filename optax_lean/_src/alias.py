@@ -44,7 +44,7 @@ def adamsnsm(
   *,
   rank: int | None = None,
   update_proj_gap: int = 200,
-  projector: str | Projector = 'svd',
+  projector: str | Projector = 'auto',
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
   momentum_on_refresh: str = 'official',
@@ -85,8 +85,10 @@ def adamsnsm(
     rank: ``None`` (default: 128) or the subspace rank (clipped, with a warning,
       to each matrix's limit).
     update_proj_gap: Steps between projector refreshes.
-    projector: ``'svd'``, ``'randomized_svd'``, ``'random'``, ``'uniform'``,
-      ``'topk'`` or a ``Projector`` (see ``scale_by_subspace_momentum``).
+    projector: ``'auto'`` (default: the exact SVD on CPU, the randomized one
+      on GPU and TPU, see ``get_projector``), ``'svd'``, ``'randomized_svd'``,
+      ``'random'``, ``'uniform'``, ``'topk'`` or a ``Projector`` (see
+      ``scale_by_subspace_momentum``).
     subset_size: ``'heuristic'`` or a non-zero int (see
       ``scale_by_subset_norm``).
     mask: Leaves that get SN/SM: a pytree (or prefix) of bools, or a callable
@@ -360,7 +362,7 @@ def adagrad_snsm(
   rank: int | None = None,
   update_proj_gap: int = 200,
   subset_size: SubsetSize = 'heuristic',
-  projector: str | Projector = 'svd',
+  projector: str | Projector = 'auto',
   mask: MaskOrFn | None = None,
   momentum_on_refresh: str = 'official',
   dimension_numbers: DimensionNumbersOrFn | None = None,
@@ -447,7 +449,7 @@ def sgd_sm(
   *,
   rank: int | None = None,
   update_proj_gap: int = 200,
-  projector: str | Projector = 'svd',
+  projector: str | Projector = 'auto',
   mask: MaskOrFn | None = None,
   momentum_on_refresh: str = 'official',
   dimension_numbers: DimensionNumbersOrFn | None = None,

@@ -211,7 +211,7 @@ def scale_by_galore(
   rank: int | None = None,
   update_proj_gap: int = 200,
   scale: chex.Numeric = 0.25,
-  projector: str | proj_lib.Projector = 'svd',
+  projector: str | proj_lib.Projector = 'auto',
   *,
   mask: MaskOrFn | None = None,
   dimension_numbers: DimensionNumbersOrFn | None = None,
@@ -251,9 +251,10 @@ def scale_by_galore(
       ``min(in, out)``).
     update_proj_gap: Steps ``T >= 1`` between basis refreshes.
     scale: :math:`\alpha`, the factor on projected leaves' updates.
-    projector: ``'svd'`` (official), ``'randomized_svd'``, ``'random'`` (the
-      released code's ``random``: a random orthonormal basis, only a key is
-      stored) or a ``Projector``.
+    projector: ``'auto'`` (default: ``'svd'`` on CPU, ``'randomized_svd'`` on
+      GPU and TPU, see ``get_projector``), ``'svd'`` (official),
+      ``'randomized_svd'``, ``'random'`` (the released code's ``random``: a
+      random orthonormal basis, only a key is stored) or a ``Projector``.
     mask: Leaves that get a subspace: a pytree (or prefix) of bools, or a
       callable returning one. Default: ``default_mask``, the linear kernels
       (see ``galore`` for how this differs from the official selection).
@@ -310,7 +311,7 @@ def galore(
   rank: int | None = None,
   update_proj_gap: int = 200,
   scale: chex.Numeric = 0.25,
-  projector: str | proj_lib.Projector = 'svd',
+  projector: str | proj_lib.Projector = 'auto',
   mask: MaskOrFn | None = None,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -355,8 +356,8 @@ def galore(
     rank: ``None`` (default: 128) or the subspace rank.
     update_proj_gap: Steps between basis refreshes.
     scale: Factor on projected leaves' updates.
-    projector: ``'svd'``, ``'randomized_svd'``, ``'random'`` or a
-      ``Projector``.
+    projector: ``'auto'`` (default, see ``get_projector``), ``'svd'``,
+      ``'randomized_svd'``, ``'random'`` or a ``Projector``.
     mask: Leaves that get a subspace (default: ``default_mask``, the linear kernels).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the parameter's).

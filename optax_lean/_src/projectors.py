@@ -21,6 +21,8 @@ All refreshes are traced under ``jax.lax.cond`` on one scalar step count, run
 in float32 (float64 for 64-bit leaves, complex for complex ones) on a copy of
 ``G`` whose matrix axes are gathered (SVD and QR need them whole), and keep the
 previous projector when the result is not finite or the gradient is all zeros.
+The matrices of a stack are shared out over the devices for a refresh: each
+device decomposes its own layers (``Projector.refresh``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def canonicalize_signs(basis: jax.Array) -> jax.Array:
     phase = jnp.where(magnitude > 0, jnp.conj(pivot) / jnp.where(magnitude > 0, magnitude, 1), 1)
     return basis * phase.astype(basis.dtype)
   return basis * jnp.where(pivot < 0, -1, 1).astype(basis.dtype)
+
+
+def orthonormal_columns(y: jax.Array) -> jax.Array:
+  """The ``Q`` of the thin QR of each matrix of ``y``, on the devices holding it."""
+  return sharding.per_matrix(lambda y: jnp.linalg.qr(y)[0], y)
 
 
 def to_projected_rows(x: jax.Array, axis: int) -> jax.Array:
@@ -204,13 +211,16 @@ class Projector(abc.ABC):
 
     ``G_a`` is gathered over its matrix axes and cast to its compute dtype
     (float32, float64 or complex, see ``dtypes.compute_dtype``) first. For a
-    projector that reads the gradient, a matrix (of a stack) whose gradient is
-    not finite or all zeros, or whose new basis is not finite, keeps its old
-    state. The result is cast and resharded back to ``state``'s type.
+    stack, the mesh's axes move to the stack's axes (see
+    ``sharding.spread_over_batch``): each device then decomposes whole matrices
+    of its own share of the stack instead of every matrix, and receives the
+    others' results as ``state``'s sharding asks. For a projector that reads
+    the gradient, a matrix (of a stack) whose gradient is not finite or all
+    zeros, or whose new basis is not finite, keeps its old state. The result
+    is cast and resharded back to ``state``'s type.
     """
-    spec = sharding.spec_of(g_a)
     dtype = dtypes.compute_dtype(g_a.dtype)
-    g_a = sharding.reshard(g_a, (*spec[:-2], None, None)).astype(dtype)
+    g_a = sharding.spread_over_batch(g_a, matrix_axes=2).astype(dtype)
     fresh = self.compute_from(g_a, state, rank, key)
     if self.reads_gradient:
       shape = (*g_a.shape[:-1], rank)
@@ -301,8 +311,7 @@ class PowerIterationProjector(SVDProjector):
 
     def iterate():
       sketch = dtypes.adjoint(g_a) @ previous
-      q, _ = jnp.linalg.qr(g_a @ sketch)
-      return canonicalize_signs(q)
+      return canonicalize_signs(orthonormal_columns(g_a @ sketch))
 
     return jax.lax.cond(jnp.any(previous != 0), iterate, lambda: self.compute(g_a, rank, key))
 
@@ -354,9 +363,9 @@ class RandomizedSVDProjector(_DenseProjector):
     )
     q = g_a @ omega
     for _ in range(self.power_iterations):
-      q, _ = jnp.linalg.qr(q)
+      q = orthonormal_columns(q)
       q = g_a @ (dtypes.adjoint(g_a) @ q)
-    q, _ = jnp.linalg.qr(q)
+    q = orthonormal_columns(q)
     if width > rank:
       small, _, _ = jnp.linalg.svd(dtypes.adjoint(q) @ g_a, full_matrices=False)
       q = q @ small[..., :rank]
@@ -370,7 +379,8 @@ class RandomProjector(Projector):
   The basis is the (sign-canonical) QR of a Gaussian matrix drawn from the key,
   regenerated at every step, so the projector costs 8 bytes per matrix (each
   matrix of a stack has its own key) instead of ``r * size`` numbers, at the
-  price of one thin QR per step.
+  price of one thin QR per step (shared out over the devices for a stack,
+  as a refresh is).
 
   Attributes:
     side: The axis the basis spans (see ``Projector``); default
@@ -405,7 +415,8 @@ class RandomProjector(Projector):
     return jax.random.key_data(key)
 
   def basis(self, state, shape, dtype):
-    state = sharding.reshard(state, (None,) * state.ndim)
+    # Each device draws and orthonormalises the bases of its own part of a stack.
+    state = sharding.spread_over_batch(state, matrix_axes=1)
     keys = jax.random.wrap_key_data(state)
     real = dtypes.real_dtype(dtypes.compute_dtype(dtype))
     if keys.ndim:
@@ -413,8 +424,7 @@ class RandomProjector(Projector):
       gaussian = jax.vmap(draw)(keys.reshape(-1)).reshape(shape)
     else:
       gaussian = jax.random.normal(keys, shape, real)
-    q, _ = jnp.linalg.qr(gaussian)
-    return canonicalize_signs(q).astype(dtype)
+    return canonicalize_signs(orthonormal_columns(gaussian)).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,6 +516,7 @@ class TopKProjector(_CoordinateProjector):
     return jax.lax.top_k(norms, rank)[1].astype(jnp.int32)
 
 
+#: The built-in projectors by name: what ``projector='name'`` means anywhere.
 PROJECTORS: dict[str, type[Projector]] = {
   cls.name: cls
   for cls in (
@@ -519,12 +530,44 @@ PROJECTORS: dict[str, type[Projector]] = {
 }
 
 
+#: What ``projector='auto'`` stands for on each JAX backend (others: randomized).
+AUTO_PROJECTORS: dict[str, str] = {'cpu': 'svd', 'gpu': 'randomized_svd', 'tpu': 'randomized_svd'}
+
+
 def get_projector(projector: str | Projector) -> Projector:
-  """A ``Projector`` from its name or itself; ``ValueError`` if unknown."""
+  """The projector a ``projector=`` argument names.
+
+  ``'auto'`` (the default of the SVD-family optimizers) is the exact SVD on
+  CPU and the randomized range finder (one matrix product and one thin QR) on
+  GPU and TPU, read from ``jax.default_backend()`` when the optimizer is
+  built. The SVD is what the official code takes; on accelerators it is slow
+  to run (seconds for a 4096-wide matrix on a GPU, against milliseconds for a
+  matrix product) and, on TPU, to compile, while the randomized basis trains
+  as well (docs/benchmarks.md: "Projector refresh at scale"). Both store the
+  same dense basis, so checkpoints move between backends.
+
+  Args:
+    projector: ``'auto'``, a name from ``PROJECTORS`` (its class with
+      default settings) or a ``Projector``, returned as is.
+
+  Returns:
+    A ``Projector``. An unknown name raises a ``ValueError`` listing the names.
+
+  Examples:
+    >>> import optax_lean
+    >>> optax_lean.get_projector('randomized_svd')
+    RandomizedSVDProjector(side='smaller', square_side='in', oversample=0, power_iterations=0)
+    >>> optax_lean.get_projector('auto').name  # on a CPU
+    'svd'
+    >>> sorted(optax_lean.PROJECTORS)
+    ['power_iteration', 'random', 'randomized_svd', 'svd', 'topk', 'uniform']
+  """
   if isinstance(projector, Projector):
     return projector
+  if projector == 'auto':
+    projector = AUTO_PROJECTORS.get(jax.default_backend(), 'randomized_svd')
   if projector not in PROJECTORS:
     raise ValueError(
-      f'projector must be one of {sorted(PROJECTORS)} or a Projector, got {projector!r}.'
+      f"projector must be 'auto', one of {sorted(PROJECTORS)} or a Projector, got {projector!r}."
     )
   return PROJECTORS[projector]()

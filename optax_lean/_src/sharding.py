@@ -13,6 +13,8 @@ unsharded, under Auto and under Explicit meshes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -92,6 +94,66 @@ def with_spare_axes(
         used.update(mesh_axes(entry))
         break
   return tuple(spec)
+
+
+def spread_over_batch(x: jax.Array, matrix_axes: int) -> jax.Array:
+  """``x`` with its trailing ``matrix_axes`` whole and the mesh's axes on its batch axes.
+
+  The layout in which a batched decomposition (SVD, QR) of a sharded stack of
+  matrices is shared out: the matrix axes are gathered, and each axis of the
+  mesh that the batch axes do not use yet goes to the first batch axis whose
+  length it divides (with the ones already there), so that each device
+  decomposes whole matrices of its own part of the stack and XLA partitions
+  the decomposition along the batch. The mesh is ``x``'s under an Explicit
+  mesh (a reshard), else the context mesh of ``jax.set_mesh`` (a sharding
+  constraint). Without a batch axis, or where no mesh axis divides it, each
+  device decomposes every matrix, as before.
+  """
+  explicit = explicit_sharding(x)
+  mesh = explicit.mesh if explicit is not None else jax.sharding.get_abstract_mesh()
+  batch = jnp.ndim(x) - matrix_axes
+  if explicit is None and (mesh.empty or batch <= 0 or not isinstance(x, jax.core.Tracer)):
+    return x
+  entries = [list(mesh_axes(entry)) for entry in spec_of(x)[:batch]]
+  used = {name for entry in entries for name in entry}
+  kinds = (AxisType.Explicit,) if explicit is not None else (AxisType.Auto,)
+  free = [
+    name
+    for name, kind in zip(mesh.axis_names, mesh.axis_types)
+    if name not in used and kind in kinds
+  ]
+  for name in free:
+    for axis, entry in enumerate(entries):
+      shards = math.prod(mesh.shape[n] for n in (*entry, name))
+      if jnp.shape(x)[axis] % shards == 0:
+        entry.append(name)
+        break
+  spec = (*(None if not e else e[0] if len(e) == 1 else tuple(e) for e in entries),)
+  spec += (None,) * matrix_axes
+  if explicit is not None:
+    return reshard(x, spec)
+  if all(entry is None for entry in spec):
+    return x
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def per_matrix(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+  """``fn`` of a stack of matrices ``x``, run on each device's own matrices.
+
+  ``fn`` maps ``(…, m, n)`` to ``(…, p, q)`` matrix by matrix (a QR, an SVD
+  factor). Under an Explicit mesh whose axes split ``x``'s batch axes (and not
+  its matrix axes), it runs inside ``jax.shard_map`` on each device's part, so
+  that no device decomposes another's matrices, whatever sharding rules
+  ``fn``'s primitives have; elsewhere it is ``fn(x)``.
+  """
+  explicit = explicit_sharding(x)
+  spec = spec_of(x)
+  if explicit is None or all(entry is None for entry in spec) or any(spec[-2:]):
+    return fn(x)
+  mapped = jax.shard_map(
+    fn, mesh=explicit.mesh, in_specs=PartitionSpec(*spec), out_specs=PartitionSpec(*spec)
+  )
+  return mapped(x)
 
 
 def named_like(x: Any, spec: tuple[Any, ...]) -> NamedSharding | None:
@@ -186,6 +248,18 @@ def state_sharding(tx: Any, params: Any, param_sharding: Any | None = None) -> A
   so is an axis no mesh axis divides. The rule is read off ``tx.init`` itself,
   traced under an Explicit copy of the mesh, so it is right for any chain of
   optax and optax_lean transformations.
+
+  Projector refreshes are shared out too. An SVD or QR needs whole matrices,
+  so a refresh gathers each gradient matrix; for a stack ``(layers, in, out)``
+  it moves the mesh's axes to the layer axis instead (an all-to-all), each
+  device decomposes its own ``layers / N`` matrices, and the new bases go to
+  the state's layout (``O(r (m + n))`` numbers per matrix). The work per
+  device is then about ``1 / N`` of all of it, where a replicated refresh
+  would do all of it on every device; a matrix outside any stack is still
+  decomposed on every device. Under an Explicit mesh this follows from the
+  types; under an Auto mesh the update must be traced with the mesh as
+  context (``jax.set_mesh(mesh)``, or ``jax.sharding.use_abstract_mesh`` inside
+  the jitted function) to know the mesh's axes.
 
   Args:
     tx: An ``optax.GradientTransformation``.

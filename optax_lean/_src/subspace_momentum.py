@@ -45,7 +45,7 @@ def scale_by_subspace_momentum(
   b1: chex.Numeric = 0.9,
   rank: int | None = None,
   update_proj_gap: int = 200,
-  projector: str | proj_lib.Projector = 'svd',
+  projector: str | proj_lib.Projector = 'auto',
   *,
   momentum_on_refresh: str = 'official',
   bias_correction: bool = False,
@@ -91,8 +91,10 @@ def scale_by_subspace_momentum(
       (with a warning) to what each matrix allows: ``min(in, out)`` for the
       SVD family, ``max(in, out)`` for coordinate subsets.
     update_proj_gap: Steps between refreshes, ``>= 1``.
-    projector: ``'svd'`` (exact, sign-canonicalised), ``'randomized_svd'``
-      (a range finder, much cheaper), ``'random'`` (a seeded orthonormal
+    projector: ``'auto'`` (default: ``'svd'`` on CPU, ``'randomized_svd'``
+      on GPU and TPU, see ``get_projector``), ``'svd'`` (exact,
+      sign-canonicalised), ``'randomized_svd'`` (a range finder, much
+      cheaper), ``'random'`` (a seeded orthonormal
       Gaussian basis; only a key is stored), ``'uniform'`` or ``'topk'``
       (coordinate subsets of the larger axis), or a ``Projector``.
     momentum_on_refresh: ``'official'``, ``'reset'``, ``'keep'`` or
