@@ -8,9 +8,10 @@ optimizer sees the trainer's leaf choice: SN/SM/GaLore-style rules on all
 linear kernels (output head included), the plain rule on embeddings and norms.
 Each row reports GiB and the ratio to AdamW in the same precision (float32
 states for float32 parameters, bfloat16 for bfloat16, the papers' "pure
-bf16"), next to the published figure where there is one (algorithms.md §1.9,
-§2.4). AdamSNSM is reported both as the paper counts it (momentum and second
-moment only) and with everything counted (projector and step counts too).
+bf16"), next to the published figure where there is one (the memory tables of
+SN-SM, arXiv 2411.07120, and GaLore, arXiv 2403.03507). AdamSNSM is reported
+both as the paper counts it (momentum and second moment only) and with
+everything counted (projector and step counts too).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from examples.llama.model import Llama
 GIB = 2**30
 # The paper's rank per size (GaLore Table 2; SN-SM's 1B memory figure uses 512).
 PAPER_RANK = {'60m': 128, '130m': 256, '350m': 256, '1b': 512, '7b': 1024}
-# Published bf16 optimizer-state GiB (algorithms.md §1.9: m + v only; README figure at 1B).
+# Published bf16 optimizer-state GiB (the SN-SM paper's memory table: m + v only; 1B: its
+# README figure).
 PUBLISHED = {
   ('adamw', '60m'): 0.216,
   ('adamw', '130m'): 0.500,

@@ -13,7 +13,10 @@ import sys
 from typing import Any
 
 from examples.llama import train as train_lib
-from examples.llama.checkpoint import Checkpointer
+from examples.llama.checkpoint import Checkpointer, quiet_failed_reads
+
+# Damaged checkpoints are restored in this process too: opt in, as the trainer's main does.
+quiet_failed_reads()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = 'examples.llama.train'

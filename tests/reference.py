@@ -1,7 +1,8 @@
 """An independent NumPy reference of the official SN-SM ``GenericOptim``.
 
-Written from the specification (``algorithms.md`` §1.2-§1.5) in the official
-code's own orientation: a PyTorch weight ``W`` of shape ``(m, n) = (out, in)``.
+Written from the paper (Nguyen & Nguyen, arXiv 2411.07120)
+and the official code (https://github.com/timmytonga/sn-sm) in that code's own
+orientation: a PyTorch weight ``W`` of shape ``(m, n) = (out, in)``.
 Everything runs in float64. It shares no code with ``optax_lean``; the tests
 feed it ``K.T`` for a Flax kernel ``K``.
 """

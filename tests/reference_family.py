@@ -1,7 +1,9 @@
 """Independent NumPy references of GaLore, LDAdam, Online Subspace Descent and RSO.
 
-Written from the specification (``algorithms.md`` §2-§5) in the official
-code's own orientation: a PyTorch weight ``W`` of shape ``(m, n) = (out, in)``.
+Written from the papers (GaLore, arXiv 2403.03507; LDAdam, arXiv 2410.16103;
+Online Subspace Descent, arXiv 2408.12857; RSO, arXiv 2502.07222) and the
+released code of the first three, in the official code's own orientation: a
+PyTorch weight ``W`` of shape ``(m, n) = (out, in)``.
 Everything runs in float64 and shares no code with ``optax_lean``; the tests
 feed it ``K.T`` for a Flax kernel ``K``. Each ``step(g)`` returns ``u`` such
 that the official update is ``p -= lr * u``; weight decay, whose order differs

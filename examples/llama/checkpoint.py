@@ -147,8 +147,11 @@ def _echoes_a_failed_read(unraisable: Any) -> bool:
 
 
 @functools.cache
-def _quiet_failed_reads() -> None:
-  """Keeps the echoes of damaged steps off stderr (installed once, by ``Checkpointer``).
+def quiet_failed_reads() -> None:
+  """Keeps the echoes of damaged steps off stderr, for the whole process (opt-in, once).
+
+  Installed by the trainer's ``main`` when it checkpoints; constructing a
+  ``Checkpointer`` changes nothing in the interpreter.
 
   A damaged step is reported once, in one line, by ``restore``. Dropped are
   the after-effects of a failed read (``_echoes_a_failed_read``, asyncio's log
@@ -222,7 +225,6 @@ class Checkpointer:
   """Saves and restores ``(state, record)`` pairs by step in ``directory``."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
-    _quiet_failed_reads()
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
       self.directory,

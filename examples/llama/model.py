@@ -134,7 +134,3 @@ class Llama(nnx.Module):
     head = self.embed.attend if self.config.tie_embeddings else self.lm_head
     logits_BTV = head(x_BTD)
     return logits_BTV.astype(jnp.float32)
-
-
-def param_count(params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))

@@ -4,7 +4,8 @@ To add an optimizer, add an ``OptimizerSpec`` to ``REGISTRY``. Every spec
 builds the bare optimizer from a learning-rate schedule and the shared
 hyperparameters; the trainer adds clipping, accumulation and protection.
 Default learning rates are the best of the sweeps on the ``tiny`` config
-(``environment.md`` §7); subset-norm optimizers take about 10x AdamW's.
+(``python -m benchmarks.convergence --sweep``, in docs/benchmarks.md);
+subset-norm optimizers take about 10x AdamW's.
 """
 
 from __future__ import annotations

@@ -38,11 +38,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_lean
+from examples.llama import checkpoint, distributed, layerwise, optimizers, rso, validation
 from examples.llama import data as data_lib
-from examples.llama import distributed, layerwise, optimizers, rso, validation
 from examples.llama.checkpoint import Checkpointer, CheckpointError
 from examples.llama.configs import CONFIGS, get_config
-from examples.llama.model import Block, Llama, param_count
+from examples.llama.model import Block, Llama
 
 
 @dataclasses.dataclass
@@ -421,7 +421,7 @@ def report_memory(run: Run) -> tuple[int, int, int]:
   """Prints parameter count and optimizer-state memory next to AdamW's."""
   params = rso.without_factors(run.abstract_state.params)
   opt_state = run.abstract_state.opt_state
-  n_params = param_count(params)
+  n_params = sum(p.size for p in jax.tree.leaves(params))
   opt_bytes = optax_lean.state_bytes(opt_state)
   adamw_bytes = optax_lean.state_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
   by_kind = ', '.join(
@@ -669,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
   problems = mesh_problems(cfg)
   if problems:
     build_parser().error(problems[0])
+  if cfg.checkpoint_dir:
+    checkpoint.quiet_failed_reads()  # a damaged step is reported in one line, by restore
   try:
     result = train(cfg)
   except (ValueError, OSError, TrainingError, CheckpointError) as e:

@@ -17,24 +17,35 @@ complex gradients are supported: the second moment averages :math:`|g|^2`.
 
 from __future__ import annotations
 
-import chex
+import typing
+
 import jax
 import jax.numpy as jnp
 
-from optax_lean._src import dtypes
+from optax_lean._src import checks, dtypes
 
-FLAVOURS = ('hf', 'torch')
+Flavour = typing.Literal['hf', 'torch']
+FLAVOURS: tuple[str, ...] = typing.get_args(Flavour)
+
+
+def validate_adam(
+  b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike, eps: jax.typing.ArrayLike, prefix: str = ''
+) -> None:
+  """The official ``AdamW`` checks: ``0 <= b1, b2 < 1`` and ``eps >= 0``."""
+  checks.in_interval(f'{prefix}b1', b1, 0.0, 1.0)
+  checks.in_interval(f'{prefix}b2', b2, 0.0, 1.0)
+  checks.non_negative(f'{prefix}eps', eps)
 
 
 def adam_step(
   g: jax.Array,
   mu: jax.Array,
   nu: jax.Array,
-  count_inc: chex.Array,
-  b1: chex.Numeric,
-  b2: chex.Numeric,
-  eps: chex.Numeric,
-  flavour: str,
+  count_inc: jax.Array,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  flavour: Flavour,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Updates the moments with ``g`` and returns ``(direction, mu, nu)``.
 
@@ -53,6 +64,7 @@ def adam_step(
     (``dtypes.compute_dtype``; the second moment in its real counterpart):
     the caller casts them back to their storage dtypes.
   """
+  checks.one_of('flavour', flavour, FLAVOURS)
   dtype = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype)
   real = dtypes.real_dtype(dtype)
   g = g.astype(dtype)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import chex
 import jax
 import optax
 
@@ -26,7 +25,7 @@ from optax_lean._src.subspace_momentum import scale_by_subspace_momentum
 
 
 def _momentum(
-  b1: chex.Numeric, *, debias: bool, mu_dtype: jax.typing.DTypeLike | None
+  b1: jax.typing.ArrayLike, *, debias: bool, mu_dtype: jax.typing.DTypeLike | None
 ) -> optax.GradientTransformation:
   """A full EMA momentum, or none when ``b1 == 0``."""
   checks.in_interval('b1', b1, 0.0, 1.0)
@@ -37,10 +36,10 @@ def _momentum(
 
 def adamsnsm(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.9,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-6,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
   update_proj_gap: int = 200,
@@ -156,10 +155,10 @@ def adamsnsm(
 
 def adamsn(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.9,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-6,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
@@ -230,9 +229,9 @@ def adamsn(
 
 def rmsprop_sn(
   learning_rate: optax.ScalarOrSchedule,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-6,
-  weight_decay: chex.Numeric = 0.0,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
@@ -291,9 +290,9 @@ def rmsprop_sn(
 
 def adagrad_sn(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.9,
-  eps: chex.Numeric = 1e-6,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
@@ -355,9 +354,9 @@ def adagrad_sn(
 
 def adagrad_snsm(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.9,
-  eps: chex.Numeric = 1e-6,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
   update_proj_gap: int = 200,
@@ -444,8 +443,8 @@ def adagrad_snsm(
 
 def sgd_sm(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.9,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
   update_proj_gap: int = 200,

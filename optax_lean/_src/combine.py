@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -102,12 +101,12 @@ class AddDecayedWeightsAfterUpdateState(NamedTuple):
       which the learning-rate schedule is read.
   """
 
-  count: chex.Array  # shape=(), dtype=jnp.int32
+  count: jax.Array  # shape=(), dtype=jnp.int32
 
 
 def add_decayed_weights_after_update(
   learning_rate: optax.ScalarOrSchedule,
-  weight_decay: chex.Numeric = 0.0,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   mask: Any | None = None,
 ) -> optax.GradientTransformation:
   r"""Decoupled weight decay applied to the already-updated parameters.
@@ -187,7 +186,7 @@ def add_decayed_weights_after_update(
 def chain_with_decay_after_update(
   core: optax.GradientTransformation,
   learning_rate: optax.ScalarOrSchedule,
-  weight_decay: chex.Numeric,
+  weight_decay: jax.typing.ArrayLike,
   mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``core``, then the learning rate, then decay after the update (HF order)."""
@@ -201,7 +200,7 @@ def chain_with_decay_after_update(
 def chain_with_decay_before_update(
   core: optax.GradientTransformation,
   learning_rate: optax.ScalarOrSchedule,
-  weight_decay: chex.Numeric,
+  weight_decay: jax.typing.ArrayLike,
   mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``core``, decay of the pre-update parameters, then the learning rate.

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import optax
 from jax.sharding import PartitionSpec
 
 from optax_lean._src import warn as warn_lib
@@ -54,8 +55,10 @@ class DimensionNumbers(NamedTuple):
   output_axis: Axes = -1
 
 
-DimensionNumbersOrFn = DimensionNumbers | Any | Callable[[Any], Any]
-MaskOrFn = Any | Callable[[Any], Any]
+# A tree (or prefix) of DimensionNumbers and None, or a function of the params giving one.
+DimensionNumbersOrFn = DimensionNumbers | optax.Params | Callable[[optax.Params], optax.Params]
+# A tree (or prefix) of bools, or a function of the params giving one.
+MaskOrFn = bool | optax.Params | Callable[[optax.Params], optax.Params]
 
 
 def axes_field(axes: tuple[int, ...]) -> Axes:

@@ -5,212 +5,33 @@ Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024; official code
 https://github.com/jiaweizzhao/GaLore (``galore_torch/adamw.py``,
 ``galore_projector.py``).
 
-``scale_by_subspace_adam`` is the machinery GaLore shares with Online Subspace
-Descent (a learned projector) and the random-subspace method (a resampled
-random projector with restarted moments).
+GaLore is the subspace-Adam engine (``subspace_adam.py``) with an SVD
+projector refreshed every ``T`` steps, Hugging Face's Adam and the moments kept
+across refreshes.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
-import chex
 import jax
-import jax.numpy as jnp
 import optax
-from optax import tree as otu
 
-from optax_lean._src import checks, dtypes, sharding
 from optax_lean._src import projectors as proj_lib
-from optax_lean._src.adam import adam_step
 from optax_lean._src.combine import chain_with_decay_after_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.subspace import plan_subspaces, refresh_due
+from optax_lean._src.subspace_adam import ScaleBySubspaceAdamState, scale_by_subspace_adam
 
-
-class ScaleByGaLoreState(NamedTuple):
-  """State of ``scale_by_galore``.
-
-  Attributes:
-    count: Number of updates so far (``shape=(), dtype=int32``).
-    mu: Per leaf, Adam's first moment. For a leaf with a subspace it is the
-      ``(…, in, out)`` view with the projected axis shrunk to the rank; other
-      leaves keep a full moment.
-    nu: Per leaf, Adam's second moment, shaped like ``mu``.
-    projector: Per leaf with a subspace, the projector's state (a basis, or a
-      PRNG key for ``'random'``); ``None`` for the other leaves.
-  """
-
-  count: chex.Array
-  mu: optax.Updates
-  nu: optax.Updates
-  projector: optax.Updates
-
-
-def validate_adam(b1: chex.Numeric, b2: chex.Numeric, eps: chex.Numeric, prefix: str = '') -> None:
-  """The official ``AdamW`` checks: ``0 <= b1, b2 < 1`` and ``eps >= 0``."""
-  checks.in_interval(f'{prefix}b1', b1, 0.0, 1.0)
-  checks.in_interval(f'{prefix}b2', b2, 0.0, 1.0)
-  checks.non_negative(f'{prefix}eps', eps)
-
-
-def adam_states(
-  params: optax.Params,
-  plans: list,
-  mu_dtype: jax.typing.DTypeLike | None,
-  nu_dtype: jax.typing.DTypeLike | None,
-  projector_dtype: jax.typing.DTypeLike | None,
-) -> tuple[list, list, list]:
-  """Per leaf: Adam's two moments and the projector state, as flat lists.
-
-  The moments are low-rank where ``plans`` has a subspace and full
-  elsewhere; the projector state is ``None`` where there is no subspace.
-  """
-  mus, nus, projs = [], [], []
-  for p, plan in zip(jax.tree.leaves(params), plans):
-    m_dtype = p.dtype if mu_dtype is None else mu_dtype
-    v_dtype = dtypes.second_moment_dtype(p.dtype, nu_dtype)
-    if plan is None:
-      mus.append(otu.zeros_like(p, dtype=m_dtype))
-      nus.append(otu.zeros_like(p, dtype=v_dtype))
-      projs.append(None)
-    else:
-      mus.append(plan.lowrank_zeros(p, m_dtype))
-      nus.append(plan.lowrank_zeros(p, v_dtype))
-      projs.append(plan.projector_zeros(p, projector_dtype))
-  return mus, nus, projs
-
-
-def scale_by_subspace_adam(
-  b1: chex.Numeric,
-  b2: chex.Numeric,
-  eps: chex.Numeric,
-  rank: int,
-  update_proj_gap: int | None,
-  scale: chex.Numeric,
-  projector: proj_lib.Projector,
-  *,
-  flavour: str = 'hf',
-  restart: bool = False,
-  state_type: type = ScaleByGaLoreState,
-  mask: MaskOrFn | None = None,
-  dimension_numbers: DimensionNumbersOrFn | None = None,
-  mu_dtype: jax.typing.DTypeLike | None = None,
-  nu_dtype: jax.typing.DTypeLike | None = None,
-  projector_dtype: jax.typing.DTypeLike | None = None,
-  seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-  """Adam inside a subspace of each selected matrix, plain Adam elsewhere.
-
-  The shared engine of ``scale_by_galore``, ``scale_by_random_subspace`` and
-  ``scale_by_online_subspace_descent``: for a selected leaf, the projector is
-  refreshed (under ``jax.lax.cond`` on the scalar count) at 0-based steps
-  ``0, T, 2T, ...`` (only step 0 when ``update_proj_gap`` is ``None``), Adam
-  runs on :math:`R = B^\\top G`, and the direction is ``scale * B d``.
-
-  Args:
-    b1: First-moment decay.
-    b2: Second-moment decay.
-    eps: Adam's offset, in the ``flavour``'s place.
-    rank: ``None`` (default: 128) or the subspace rank (clipped, with a warning,
-      to each matrix's limit).
-    update_proj_gap: Steps between refreshes, or ``None`` for a projector
-      set at the first step only.
-    scale: Factor on the back-projected direction of selected leaves.
-    projector: A ``Projector``.
-    flavour: ``'hf'`` or ``'torch'`` Adam (see ``optax_lean._src.adam``).
-    restart: Zero the moments at each refresh and restart their bias
-      correction (a fresh Adam per subspace).
-    state_type: The state NamedTuple, with fields ``count, mu, nu, projector``.
-    mask: Leaves that get a subspace (default: ``default_mask``).
-    dimension_numbers: How selected leaves read as ``(…, in, out)``.
-    mu_dtype: First-moment dtype (default: the leaf's).
-    nu_dtype: Second-moment dtype (default: the leaf's, real for
-      complex leaves).
-    projector_dtype: Stored-basis dtype (default: the leaf's).
-    seed: Seed of random projectors.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-  """
-  checks.positive_int('rank', rank)
-  if update_proj_gap is not None or restart:
-    checks.positive_count('update_proj_gap', update_proj_gap)
-  validate_adam(b1, b2, eps)
-
-  def plans(tree, warn=False):
-    return plan_subspaces(tree, projector, rank, mask, dimension_numbers, warn=warn)
-
-  def refreshes(count):
-    if update_proj_gap is None:
-      return count == 0
-    return refresh_due(count, update_proj_gap)
-
-  def init_fn(params):
-    params = dtypes.as_arrays(params)
-    states = adam_states(params, plans(params, warn=True), mu_dtype, nu_dtype, projector_dtype)
-    treedef = jax.tree.structure(params)
-    return state_type(jnp.zeros([], jnp.int32), *(jax.tree.unflatten(treedef, xs) for xs in states))
-
-  def update_matrix(g, mu, nu, proj_state, plan, leaf_index, count, layer):
-    dtype = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype)
-    count_inc = optax.safe_increment(count)
-    g_a = plan.rows(g)
-
-    def on_refresh(operands):
-      moments, old = operands
-      if restart:
-        moments = jax.tree.map(jnp.zeros_like, moments)
-      return moments, plan.refresh(g_a, old, seed, leaf_index, count_inc, layer)
-
-    moments = (plan.lowrank_rows(mu), plan.lowrank_rows(nu))
-    (mu_a, nu_a), proj_state = jax.lax.cond(
-      refreshes(count), on_refresh, lambda operands: operands, (moments, proj_state)
-    )
-    basis = plan.basis(proj_state, g_a, g.dtype)
-    projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
-    # A fresh Adam per subspace counts its steps from the last refresh.
-    adam_count = count % update_proj_gap + 1 if restart else count_inc
-    direction, mu_a, nu_a = adam_step(projected, mu_a, nu_a, adam_count, b1, b2, eps, flavour)
-    full = proj_lib.back_project(direction.astype(g.dtype), basis, g_a, dtype)
-    update = jnp.asarray(scale, dtype) * plan.unrows(full)
-    return update, plan.lowrank_rows(mu_a), plan.lowrank_rows(nu_a), proj_state
-
-  def update_fn(updates, state, params=None, *, layer=None, **extra_args):
-    del params, extra_args
-    updates = dtypes.as_arrays(updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    mus = treedef.flatten_up_to(state.mu)
-    nus = treedef.flatten_up_to(state.nu)
-    projs = treedef.flatten_up_to(state.projector)
-    outputs, new_mus, new_nus = [], [], []
-    for index, (g, mu, nu, plan) in enumerate(zip(leaves, mus, nus, plans(updates))):
-      if plan is None:
-        count_inc = optax.safe_increment(state.count)
-        out, new_mu, new_nu = adam_step(g, mu, nu, count_inc, b1, b2, eps, flavour)
-      else:
-        out, new_mu, new_nu, projs[index] = update_matrix(
-          g, mu, nu, projs[index], plan, index, state.count, layer
-        )
-      outputs.append(sharding.cast_like(out, g))
-      new_mus.append(sharding.cast_like(new_mu, mu))
-      new_nus.append(sharding.cast_like(new_nu, nu))
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    new_state = state_type(
-      optax.safe_increment(state.count), unflatten(new_mus), unflatten(new_nus), unflatten(projs)
-    )
-    return unflatten(outputs), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+ScaleByGaLoreState = ScaleBySubspaceAdamState
 
 
 def scale_by_galore(
-  b1: chex.Numeric = 0.9,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-6,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
   rank: int | None = None,
   update_proj_gap: int = 200,
-  scale: chex.Numeric = 0.25,
+  scale: jax.typing.ArrayLike = 0.25,
   projector: str | proj_lib.Projector = 'auto',
   *,
   mask: MaskOrFn | None = None,
@@ -303,14 +124,14 @@ def scale_by_galore(
 
 def galore(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.9,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-6,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
   update_proj_gap: int = 200,
-  scale: chex.Numeric = 0.25,
+  scale: jax.typing.ArrayLike = 0.25,
   projector: str | proj_lib.Projector = 'auto',
   mask: MaskOrFn | None = None,
   dimension_numbers: DimensionNumbersOrFn | None = None,

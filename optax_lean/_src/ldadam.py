@@ -11,19 +11,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, dtypes, sharding
+from optax_lean._src import checks, dtypes, leafwise
 from optax_lean._src import projectors as proj_lib
-from optax_lean._src.adam import adam_step
+from optax_lean._src.adam import adam_step, validate_adam
 from optax_lean._src.combine import chain_with_decay_before_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.galore import adam_states, validate_adam
 from optax_lean._src.subspace import plan_subspaces
+from optax_lean._src.subspace_adam import adam_states
 
 
 class ScaleByLDAdamState(NamedTuple):
@@ -41,7 +40,7 @@ class ScaleByLDAdamState(NamedTuple):
       error feedback.
   """
 
-  count: chex.Array
+  count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
   projector: optax.Updates
@@ -57,11 +56,11 @@ def _ldadam_projector(projector: str | proj_lib.Projector) -> proj_lib.Projector
 
 
 def scale_by_ldadam(
-  b1: chex.Numeric = 0.908,
-  b2: chex.Numeric = 0.99,
-  eps: chex.Numeric = 1e-8,
+  b1: jax.typing.ArrayLike = 0.908,
+  b2: jax.typing.ArrayLike = 0.99,
+  eps: jax.typing.ArrayLike = 1e-8,
   rank: int | None = None,
-  rho: chex.Numeric = 0.908,
+  rho: jax.typing.ArrayLike = 0.908,
   *,
   error_feedback: bool = True,
   projector: str | proj_lib.Projector = 'power_iteration',
@@ -71,6 +70,7 @@ def scale_by_ldadam(
   nu_dtype: jax.typing.DTypeLike | None = None,
   projector_dtype: jax.typing.DTypeLike | None = None,
   error_dtype: jax.typing.DTypeLike | None = None,
+  seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LDAdam's scaling: Adam on a rank-``r`` projection, re-estimated every step.
 
@@ -132,6 +132,8 @@ def scale_by_ldadam(
       complex leaves).
     projector_dtype: Basis dtype (default: the leaf's).
     error_dtype: Error-buffer dtype (default: the leaf's).
+    seed: Seed of a randomized projector (the default power iteration draws
+      nothing).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -193,22 +195,21 @@ def scale_by_ldadam(
     old_basis = plan.basis(old, a_a, dtype)
 
     def first(_):
-      return plan.refresh(a_a, old, 0, leaf_index, count)
+      return plan.refresh(a_a, old, seed, leaf_index, count)
 
     def later(_):
       momentum = proj_lib.back_project(m_a / correction1, old_basis, a_a, dtype)
-      return plan.refresh(rho_ * momentum + (1 - rho_) * a_a, old, 0, leaf_index, count)
+      return plan.refresh(rho_ * momentum + (1 - rho_) * a_a, old, seed, leaf_index, count)
 
     new = jax.lax.cond(count == 0, first, later, None)
     basis = plan.basis(new, a_a, dtype)
     projected = proj_lib.project(a_a, basis, dtype)
     change = proj_lib.change_of_basis(basis, old_basis, dtype)
-    m_spec = sharding.spec_of(projected)
-    rotate = lambda c, x: sharding.einsum('...rs,...sc->...rc', c, x, out_spec=m_spec)
-    m_rotated = rotate(change, m_a)
+    m_rotated = proj_lib.rotate(change, m_a, like=projected)
     variance = v_a / correction2 - jnp.square(m_a / correction1)
     v_rotated = correction2 * jnp.abs(
-      rotate(jnp.square(change), variance) + jnp.square(m_rotated / correction1)
+      proj_lib.rotate(jnp.square(change), variance, like=projected)
+      + jnp.square(m_rotated / correction1)
     )
     direction, new_m, new_v = adam_step(
       projected, m_rotated, v_rotated, optax.safe_increment(count), b1, b2, eps, 'torch'
@@ -228,31 +229,18 @@ def scale_by_ldadam(
     del params, extra_args
     updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
-    leaves, treedef = jax.tree.flatten(updates)
-    mus = treedef.flatten_up_to(state.mu)
-    nus = treedef.flatten_up_to(state.nu)
-    projs = treedef.flatten_up_to(state.projector)
-    errors = treedef.flatten_up_to(state.error) if error_feedback else [None] * len(leaves)
-    outputs, new_mus, new_nus = [], [], []
-    for index, (g, mu, nu, plan) in enumerate(zip(leaves, mus, nus, plans(updates))):
+
+    def update_leaf(index, g, mu, nu, proj_state, error, plan):
       if plan is None:
-        out, new_mu, new_nu = adam_step(g, mu, nu, count_inc, b1, b2, eps, 'torch')
-      else:
-        out, new_mu, new_nu, projs[index], error = update_matrix(
-          g, mu, nu, projs[index], errors[index], plan, index, state.count
-        )
-        if error is not None:
-          errors[index] = sharding.cast_like(error, errors[index])
-      outputs.append(sharding.cast_like(out, g))
-      new_mus.append(sharding.cast_like(new_mu, mu))
-      new_nus.append(sharding.cast_like(new_nu, nu))
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    return unflatten(outputs), ScaleByLDAdamState(
-      count=count_inc,
-      mu=unflatten(new_mus),
-      nu=unflatten(new_nus),
-      projector=unflatten(projs),
-      error=unflatten(errors) if error_feedback else None,
+        return (*adam_step(g, mu, nu, count_inc, b1, b2, eps, 'torch'), None, None)
+      return update_matrix(g, mu, nu, proj_state, error, plan, index, state.count)
+
+    fields = (state.mu, state.nu, state.projector, state.error)
+    outputs, (mu, nu, projector_state, error) = leafwise.map_leaves(
+      update_leaf, updates, fields, plans(updates)
+    )
+    return outputs, ScaleByLDAdamState(
+      count=count_inc, mu=mu, nu=nu, projector=projector_state, error=error
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -260,13 +248,13 @@ def scale_by_ldadam(
 
 def ldadam(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.908,
-  b2: chex.Numeric = 0.99,
-  eps: chex.Numeric = 1e-8,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.908,
+  b2: jax.typing.ArrayLike = 0.99,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
-  rho: chex.Numeric = 0.908,
+  rho: jax.typing.ArrayLike = 0.908,
   error_feedback: bool = True,
   mask: MaskOrFn | None = None,
   projector: str | proj_lib.Projector = 'power_iteration',
@@ -275,6 +263,7 @@ def ldadam(
   nu_dtype: jax.typing.DTypeLike | None = None,
   projector_dtype: jax.typing.DTypeLike | None = None,
   error_dtype: jax.typing.DTypeLike | None = None,
+  seed: int = 0,
   weight_decay_mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LDAdamW, as the official ``LDAdamW``.
@@ -307,6 +296,7 @@ def ldadam(
       complex parameters).
     projector_dtype: Basis dtype (default: the parameter's).
     error_dtype: Error-buffer dtype (default: the parameter's).
+    seed: Seed of a randomized projector (see ``scale_by_ldadam``).
     weight_decay_mask: Leaves to decay (default: all).
 
   Returns:
@@ -342,5 +332,6 @@ def ldadam(
     nu_dtype=nu_dtype,
     projector_dtype=projector_dtype,
     error_dtype=error_dtype,
+    seed=seed,
   )
   return chain_with_decay_before_update(core, learning_rate, weight_decay, weight_decay_mask)

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lean._src import checks, dtypes, sharding
+from optax_lean._src import checks, dtypes, leafwise, sharding
 from optax_lean._src import projectors as proj_lib
-from optax_lean._src.adam import adam_step
+from optax_lean._src.adam import adam_step, validate_adam
 from optax_lean._src.combine import chain_with_decay_after_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.galore import ScaleByGaLoreState, scale_by_subspace_adam, validate_adam
 from optax_lean._src.subspace import SubspacePlan, plan_subspaces
+from optax_lean._src.subspace_adam import ScaleBySubspaceAdamState, scale_by_subspace_adam
 
 
 class ScaleByOnlineSubspaceDescentState(NamedTuple):
@@ -38,7 +37,7 @@ class ScaleByOnlineSubspaceDescentState(NamedTuple):
     projector_nu: The projector's AdamW second moment, likewise.
   """
 
-  count: chex.Array
+  count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
   projector: optax.Updates
@@ -47,7 +46,7 @@ class ScaleByOnlineSubspaceDescentState(NamedTuple):
 
 
 def pca_loss_gradient(
-  basis: jax.Array, g_a: jax.Array, orthogonality_penalty: chex.Numeric
+  basis: jax.Array, g_a: jax.Array, orthogonality_penalty: jax.typing.ArrayLike
 ) -> jax.Array:
   r"""The gradient in :math:`P` of the online-PCA loss, in closed form.
 
@@ -79,19 +78,19 @@ def pca_loss_gradient(
 
 
 def scale_by_online_subspace_descent(
-  b1: chex.Numeric = 0.9,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-6,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
   rank: int | None = None,
   update_proj_gap: int = 200,
-  scale: chex.Numeric = 0.25,
+  scale: jax.typing.ArrayLike = 0.25,
   *,
   projector_learning_rate: optax.ScalarOrSchedule | None = None,
-  projector_b1: chex.Numeric = 0.9,
-  projector_b2: chex.Numeric = 0.999,
-  projector_eps: chex.Numeric = 1e-8,
-  projector_weight_decay: chex.Numeric = 0.01,
-  orthogonality_penalty: chex.Numeric = 0.0,
+  projector_b1: jax.typing.ArrayLike = 0.9,
+  projector_b2: jax.typing.ArrayLike = 0.999,
+  projector_eps: jax.typing.ArrayLike = 1e-8,
+  projector_weight_decay: jax.typing.ArrayLike = 0.01,
+  orthogonality_penalty: jax.typing.ArrayLike = 0.0,
   mask: MaskOrFn | None = None,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -233,22 +232,20 @@ def scale_by_online_subspace_descent(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     updates = dtypes.as_arrays(updates)
-    inner_state = ScaleByGaLoreState(state.count, state.mu, state.nu, state.projector)
+    inner_state = ScaleBySubspaceAdamState(state.count, state.mu, state.nu, state.projector)
     outputs, inner_state = inner.update(updates, inner_state)
     step_size = projector_learning_rate
     if callable(step_size):
       step_size = step_size(state.count)
-    leaves, treedef = jax.tree.flatten(updates)
-    learned = [
-      treedef.flatten_up_to(x)
-      for x in (inner_state.projector, state.projector_mu, state.projector_nu)
-    ]
-    for index, (g, plan) in enumerate(zip(leaves, plans(updates))):
-      if plan is not None:
-        fields = learn(g, *(x[index] for x in learned), plan, state.count, step_size)
-        for x, value in zip(learned, fields):
-          x[index] = value
-    projector, p_mu, p_nu = (jax.tree.unflatten(treedef, x) for x in learned)
+
+    def learn_leaf(index, g, proj_state, p_mu, p_nu, plan):
+      del index
+      if plan is None:
+        return None, None, None, None
+      return (None, *learn(g, proj_state, p_mu, p_nu, plan, state.count, step_size))
+
+    fields = (inner_state.projector, state.projector_mu, state.projector_nu)
+    _, (projector, p_mu, p_nu) = leafwise.map_leaves(learn_leaf, updates, fields, plans(updates))
     return outputs, ScaleByOnlineSubspaceDescentState(
       *inner_state._replace(projector=projector), p_mu, p_nu
     )
@@ -258,21 +255,21 @@ def scale_by_online_subspace_descent(
 
 def online_subspace_descent(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.9,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-6,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
   update_proj_gap: int = 200,
-  scale: chex.Numeric = 0.25,
+  scale: jax.typing.ArrayLike = 0.25,
   mask: MaskOrFn | None = None,
-  base_learning_rate: chex.Numeric | None = None,
-  projector_b1: chex.Numeric = 0.9,
-  projector_b2: chex.Numeric = 0.999,
-  projector_eps: chex.Numeric = 1e-8,
-  projector_weight_decay: chex.Numeric = 0.01,
-  orthogonality_penalty: chex.Numeric = 0.0,
+  base_learning_rate: jax.typing.ArrayLike | None = None,
+  projector_b1: jax.typing.ArrayLike = 0.9,
+  projector_b2: jax.typing.ArrayLike = 0.999,
+  projector_eps: jax.typing.ArrayLike = 1e-8,
+  projector_weight_decay: jax.typing.ArrayLike = 0.01,
+  orthogonality_penalty: jax.typing.ArrayLike = 0.0,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,

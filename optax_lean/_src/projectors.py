@@ -116,6 +116,15 @@ def change_of_basis(new: jax.Array, old: jax.Array, out_dtype: jax.typing.DTypeL
   )
 
 
+def rotate(rotation: jax.Array, x_a: jax.Array, like: jax.Array) -> jax.Array:
+  """``C X_a``: subspace coordinates (or their moments) carried to a new basis.
+
+  ``rotation`` is ``(…, r, s)`` (e.g. ``change_of_basis``); ``x_a`` is
+  ``(…, s, c)``; the result is sharded like ``like``.
+  """
+  return sharding.einsum('...rs,...sc->...rc', rotation, x_a, out_spec=sharding.spec_of(like))
+
+
 SIDES = ('smaller', 'larger', 'in', 'out')
 
 

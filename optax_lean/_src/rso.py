@@ -3,15 +3,14 @@
 Chen, Zhang, Liu, Yuan, Wen, `A Memory Efficient Randomized Subspace
 Optimization Method for Training Large Language Models
 <https://arxiv.org/abs/2502.07222>`_, ICML 2025. No official code was found;
-this follows the paper's algorithm as summarised in the project's
-specification (``algorithms.md`` §5).
+this follows the paper's algorithm (outer iterations, each a random-subspace
+subproblem solved by Adam from zero).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
-import chex
 import jax
 import optax
 
@@ -19,32 +18,15 @@ from optax_lean._src import checks
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.combine import chain_with_decay_before_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.galore import scale_by_subspace_adam
+from optax_lean._src.subspace_adam import ScaleBySubspaceAdamState, scale_by_subspace_adam
 
-
-class ScaleByRandomSubspaceState(NamedTuple):
-  """State of ``scale_by_random_subspace``.
-
-  Attributes:
-    count: Number of updates so far (``shape=(), dtype=int32``).
-    mu: Per leaf, Adam's first moment: for a leaf with a subspace, of the
-      shape of the subproblem's variable :math:`B` (the ``(…, in, out)`` view
-      with the projected axis shrunk to the rank); full otherwise.
-    nu: Per leaf, Adam's second moment, shaped like ``mu``.
-    projector: Per leaf with a subspace, the PRNG key data (``uint32[2]``) of
-      the current random basis; ``None`` otherwise.
-  """
-
-  count: chex.Array
-  mu: optax.Updates
-  nu: optax.Updates
-  projector: optax.Updates
+ScaleByRandomSubspaceState = ScaleBySubspaceAdamState
 
 
 def scale_by_random_subspace(
-  b1: chex.Numeric = 0.9,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-8,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
   rank: int | None = None,
   update_proj_gap: int = 200,
   *,
@@ -136,8 +118,7 @@ def scale_by_random_subspace(
     1.0,
     proj_lib.RandomProjector(side=side),
     flavour='torch',
-    restart=True,
-    state_type=ScaleByRandomSubspaceState,
+    moments_on_refresh='reset',
     mask=mask,
     dimension_numbers=dimension_numbers,
     mu_dtype=mu_dtype,
@@ -148,10 +129,10 @@ def scale_by_random_subspace(
 
 def rso(
   learning_rate: optax.ScalarOrSchedule,
-  b1: chex.Numeric = 0.9,
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-8,
-  weight_decay: chex.Numeric = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
   update_proj_gap: int = 200,

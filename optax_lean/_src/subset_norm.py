@@ -11,14 +11,13 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, dtypes, sharding
+from optax_lean._src import checks, dtypes, leafwise, sharding
 from optax_lean._src.dimension_numbers import (
   DimensionNumbersOrFn,
   MaskOrFn,
@@ -41,7 +40,7 @@ class ScaleBySubsetNormState(NamedTuple):
       the leaf's own shape for leaves without the rule (one subset per entry).
   """
 
-  count: chex.Array
+  count: jax.Array
   nu: optax.Updates
 
 
@@ -173,8 +172,8 @@ def _validate_subset_size(subset_size: SubsetSize) -> None:
 
 
 def scale_by_subset_norm(
-  b2: chex.Numeric = 0.999,
-  eps: chex.Numeric = 1e-6,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
   subset_size: SubsetSize = HEURISTIC,
   *,
   bias_correction: bool = False,
@@ -284,11 +283,11 @@ def scale_by_subset_norm(
     del params, extra_args
     updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
-    leaves, treedef = jax.tree.flatten(updates)
-    nus = treedef.flatten_up_to(state.nu)
-    numerators = leaves if numerator is None else treedef.flatten_up_to(numerator)
-    new_nus, outputs = [], []
-    for g, nu, num, (layout, rule) in zip(leaves, nus, numerators, leaf_rules(updates)):
+    numerators = updates if numerator is None else numerator
+
+    def update_leaf(index, g, nu, num, layout_rule):
+      del index
+      layout, rule = layout_rule
       dtype = dtypes.compute_dtype(g.dtype, nu.dtype)
       real = dtypes.real_dtype(dtype)
       decay = jnp.asarray(b2, real)
@@ -301,10 +300,15 @@ def scale_by_subset_norm(
         denominator = denominator / jnp.sqrt(1 - decay ** count_inc.astype(real))
       numerator_dtype = dtypes.compute_dtype(num.dtype, dtype)
       out = rule.divide(num.astype(numerator_dtype), denominator.astype(numerator_dtype), layout)
-      outputs.append(sharding.cast_like(out, num))
-      new_nus.append(sharding.cast_like(new_nu, nu))
-    return jax.tree.unflatten(treedef, outputs), ScaleBySubsetNormState(
-      count=count_inc, nu=jax.tree.unflatten(treedef, new_nus)
+      return out, new_nu, None  # the numerators are only read
+
+    outputs, (nu, _) = leafwise.map_leaves(
+      update_leaf,
+      updates,
+      (state.nu, numerators),
+      leaf_rules(updates),
+      outputs_like=numerators,
     )
+    return outputs, ScaleBySubsetNormState(count=count_inc, nu=nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

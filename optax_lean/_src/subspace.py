@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import chex
 import jax
 
 from optax_lean._src import dtypes, sharding
@@ -124,8 +123,8 @@ class SubspacePlan:
     state: jax.Array,
     seed: int,
     leaf_index: int,
-    count: chex.Array,
-    layer: chex.Array | None = None,
+    count: jax.Array,
+    layer: jax.Array | None = None,
   ) -> jax.Array:
     """The projector's new state from ``G_a``, with a key unique to leaf and step.
 
@@ -176,7 +175,7 @@ def plan_subspaces(
   return plans
 
 
-def refresh_due(count: chex.Array, update_proj_gap: int, *, offset: int = 0) -> chex.Array:
+def refresh_due(count: jax.Array, update_proj_gap: int, *, offset: int = 0) -> jax.Array:
   """Whether the projector refreshes at the step with 0-based ``count``.
 
   At the first step, and whenever ``(count + offset) % update_proj_gap == 0``.

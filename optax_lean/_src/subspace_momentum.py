@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, dtypes, sharding
+from optax_lean._src import checks, dtypes, leafwise
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.subspace import plan_subspaces, refresh_due
@@ -36,13 +35,13 @@ class ScaleBySubspaceMomentumState(NamedTuple):
       key or indices, see ``Projector``); ``None`` for the other leaves.
   """
 
-  count: chex.Array
+  count: jax.Array
   mu: optax.Updates
   projector: optax.Updates
 
 
 def scale_by_subspace_momentum(
-  b1: chex.Numeric = 0.9,
+  b1: jax.typing.ArrayLike = 0.9,
   rank: int | None = None,
   update_proj_gap: int = 200,
   projector: str | proj_lib.Projector = 'auto',
@@ -170,12 +169,7 @@ def scale_by_subspace_momentum(
         rotation = proj_lib.change_of_basis(
           plan.basis(new, g_a, dtype), plan.basis(old, g_a, dtype), dtype
         )
-        mu_a = sharding.einsum(
-          '...rs,...sc->...rc',
-          rotation,
-          mu_a.astype(dtype),
-          out_spec=sharding.spec_of(mu_a),
-        ).astype(mu_a.dtype)
+        mu_a = proj_lib.rotate(rotation, mu_a.astype(dtype), like=mu_a).astype(mu_a.dtype)
       return mu_a, new
 
     mu_a, proj_state = jax.lax.cond(
@@ -200,32 +194,24 @@ def scale_by_subspace_momentum(
     del params, extra_args
     updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
-    leaves, treedef = jax.tree.flatten(updates)
-    mus = treedef.flatten_up_to(state.mu)
-    projs = treedef.flatten_up_to(state.projector)
-    outputs, new_mus, new_projs = [], [], []
-    for index, (g, mu, proj_state, plan) in enumerate(zip(leaves, mus, projs, plans(updates))):
+
+    def update_leaf(index, g, mu, proj_state, plan):
       if plan is None:
         dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
         decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
-        numerator = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
-        new_mu = numerator
+        numerator = new_mu = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
       else:
         numerator, new_mu, proj_state = update_matrix(
           g, mu, proj_state, plan, index, count_inc, layer
         )
       if bias_correction:
         real = dtypes.real_dtype(numerator.dtype)
-        decay = jnp.asarray(b1, real)
-        correction = 1 - decay ** count_inc.astype(real)
-        numerator = numerator / correction.astype(numerator.dtype)
-      outputs.append(sharding.cast_like(numerator, g))
-      new_mus.append(sharding.cast_like(new_mu, mu))
-      new_projs.append(proj_state)
-    return jax.tree.unflatten(treedef, outputs), ScaleBySubspaceMomentumState(
-      count=count_inc,
-      mu=jax.tree.unflatten(treedef, new_mus),
-      projector=jax.tree.unflatten(treedef, new_projs),
+        numerator = otu.bias_correction(numerator, jnp.asarray(b1, real), count_inc.astype(real))
+      return numerator, new_mu, proj_state
+
+    outputs, (mu, projector_state) = leafwise.map_leaves(
+      update_leaf, updates, (state.mu, state.projector), plans(updates)
     )
+    return outputs, ScaleBySubspaceMomentumState(count=count_inc, mu=mu, projector=projector_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
