@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import math
 import os
 import sys
@@ -434,10 +433,7 @@ def main(argv: list[str] | None = None) -> None:
       results[size] = measure_size(size, args, data)
       sections.append(table(size, args.mesh, results[size]))
       print(sections[-1] + '\n', flush=True)
-  report.write(sections, args.out)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
+  report.save(sections, args.out, results, args.json)
 
 
 if __name__ == '__main__':

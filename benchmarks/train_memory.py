@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -215,10 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         results[key] = {label: dataclasses.asdict(m) for label, m in rows.items()}
         sections.append(table(size, args.mesh, batch, rows))
         print(sections[-1] + '\n', flush=True)
-  report.write(sections, args.out)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
+  report.save(sections, args.out, results, args.json)
 
 
 if __name__ == '__main__':
