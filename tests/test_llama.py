@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from examples.llama import data as data_lib
-from examples.llama import optimizers, rso
+from examples.llama import optimizers, rso_layers
 from examples.llama import train as train_lib
 from examples.llama.checkpoint import Checkpointer
 from examples.llama.configs import get_config
@@ -243,7 +243,7 @@ def test_rso_merge_keeps_the_function():
   )
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 12)), jnp.int32)
   before = nnx.merge(graphdef, trained)(tokens)
-  merged = rso.merge_and_redraw(trained, jax.random.key(1))
+  merged = rso_layers.merge_and_redraw(trained, jax.random.key(1))
   np.testing.assert_allclose(nnx.merge(graphdef, merged)(tokens), before, rtol=1e-5, atol=1e-5)
   q = merged['blocks']['attn']['q']
   assert not jnp.any(q['factor'])
@@ -266,4 +266,4 @@ def test_rso_layers_train_factors_and_merge_every_period(corpus, tmp_path):
     else:  # at a merge: kernel moved, factor and its Adam state restart
       assert not np.allclose(kernels[-1], kernels[-2])
       assert not jnp.any(factor) and int(factor_count) == 0
-  assert 'factor' not in str(jax.tree_util.tree_structure(rso.without_factors(state.params)))
+  assert 'factor' not in str(jax.tree_util.tree_structure(rso_layers.without_factors(state.params)))

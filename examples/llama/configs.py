@@ -26,7 +26,7 @@ class LlamaConfig:
   scan_layers: bool = False
   remat: bool = False  # with scan_layers: keep only each block's input, recompute the rest
   compute_dtype: str = 'float32'
-  rso_rank: int | None = None  # train linear layers through rank-r factors (rso.py)
+  rso_rank: int | None = None  # train linear layers through rank-r factors (rso_layers.py)
 
   @property
   def head_dim(self) -> int:

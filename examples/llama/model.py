@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from examples.llama.configs import LlamaConfig
-from examples.llama.rso import RSOLinear
+from examples.llama.rso_layers import RSOLinear
 
 
 def dense(n_in: int, n_out: int, rngs: nnx.Rngs, config: LlamaConfig) -> nnx.Module:
-  """A bias-free linear layer; with ``config.rso_rank``, an RSO layer (see rso.py)."""
+  """A bias-free linear layer; with ``config.rso_rank``, an RSO layer (see rso_layers.py)."""
   dtype = jnp.dtype(config.compute_dtype)
   if config.rso_rank:
     return RSOLinear(n_in, n_out, config.rso_rank, rngs, dtype)

@@ -18,7 +18,7 @@ import jax
 import optax
 
 import optax_lean
-from examples.llama import rso
+from examples.llama import rso_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ class OptimizerSpec:
   build: Callable[[optax.Schedule, Hyperparameters], optax.GradientTransformation]
   learning_rate: float
   low_rank: bool = False
-  trains_factors: bool = False  # the model trains RSO factors (rso.py), see 'rso_layers'
+  trains_factors: bool = False  # the model trains RSO factors (rso_layers.py), see 'rso_layers'
   description: str = ''
 
 
@@ -120,7 +120,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
     description='subspace momentum over subset-norm',
   ),
   'rso_layers': OptimizerSpec(
-    lambda lr, h: rso.partitioned(
+    lambda lr, h: rso_layers.partitioned(
       optax.adam(lr), optax.adamw(lr, eps=1e-8, weight_decay=h.weight_decay)
     ),
     3e-3,

@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_lean
-from examples.llama import checkpoint, distributed, layerwise, optimizers, rso, validation
+from examples.llama import checkpoint, distributed, layerwise, optimizers, rso_layers, validation
 from examples.llama import data as data_lib
 from examples.llama.checkpoint import Checkpointer, CheckpointError
 from examples.llama.configs import CONFIGS, get_config
@@ -329,7 +329,11 @@ def build(cfg: TrainConfig) -> Run:
   )
   fsdp = dict(zip(names, sizes)).get('fsdp', 1)
   # With RSO the linear kernels and their random projections are frozen between merges.
-  split, join = (rso.split, rso.join) if spec.trains_factors else (rso.no_split, rso.no_join)
+  split, join = (
+    (rso_layers.split, rso_layers.join)
+    if spec.trains_factors
+    else (rso_layers.no_split, rso_layers.no_join)
+  )
 
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Llama(model_cfg, nnx.Rngs(0))))
   abstract_params = nnx.to_pure_dict(abstract_params)
@@ -372,8 +376,8 @@ def build(cfg: TrainConfig) -> Run:
       params, opt_state = jax.lax.cond(
         step % (hparams.update_proj_gap * cfg.grad_accum) == 0,
         lambda: (
-          rso.merge_and_redraw(params, key),
-          rso.reset_factor_state(tx, opt_state, trainable),
+          rso_layers.merge_and_redraw(params, key),
+          rso_layers.reset_factor_state(tx, opt_state, trainable),
         ),
         lambda: (params, opt_state),
       )
@@ -419,7 +423,7 @@ def build(cfg: TrainConfig) -> Run:
 
 def report_memory(run: Run) -> tuple[int, int, int]:
   """Prints parameter count and optimizer-state memory next to AdamW's."""
-  params = rso.without_factors(run.abstract_state.params)
+  params = rso_layers.without_factors(run.abstract_state.params)
   opt_state = run.abstract_state.opt_state
   n_params = sum(p.size for p in jax.tree.leaves(params))
   opt_bytes = optax_lean.state_bytes(opt_state)
