@@ -25,17 +25,19 @@ import numpy as np
 from jax import ad_checkpoint
 
 from benchmarks import report
-from examples.llama import train as train_lib
+from examples.llama import run as run_lib
+from examples.llama.steps import loss_fn
+from examples.llama.train_config import TrainConfig
 
 MB = 1e6
 _RESIDUAL = re.compile(r'^([a-z]+)(\d*)\[([\d,]*)\]\s+(.*)$')  # e.g. "f32[8,256,512] output of ..."
 
 
-def saved_for_backward(run: train_lib.Run, inputs, targets) -> int:
+def saved_for_backward(run: run_lib.Run, inputs, targets) -> int:
   """Bytes JAX keeps from the forward pass for the backward pass, arguments excluded."""
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), run.abstract_state.params)
-  trainable, frozen = run.split(state)
-  loss = lambda t: train_lib.loss_fn(run.graphdef, run.join(t, frozen), inputs, targets)
+  trainable, frozen = run.trained.split(state)
+  loss = lambda t: loss_fn(run.graphdef, run.trained.join(t, frozen), inputs, targets)
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
     ad_checkpoint.print_saved_residuals(loss, trainable)
@@ -50,8 +52,8 @@ def saved_for_backward(run: train_lib.Run, inputs, targets) -> int:
   return total
 
 
-def row(cfg: train_lib.TrainConfig, label: str) -> str:
-  run = train_lib.build(cfg)
+def row(cfg: TrainConfig, label: str) -> str:
+  run = run_lib.build(cfg)
   inputs, targets = run.batches.batch(0)
   compiled = run.step_fn.lower(run.restore_target(), inputs, targets).compile()
   stats = compiled.memory_analysis()
@@ -69,9 +71,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--batch-size', type=int, default=8)
   parser.add_argument('--out', default=None)
   args = parser.parse_args(argv)
-  base = train_lib.TrainConfig(
-    model=args.model, batch_size=args.batch_size, mesh='data=1', progress=False
-  )
+  base = TrainConfig(model=args.model, batch_size=args.batch_size, mesh='data=1', progress=False)
   lines = [
     f'| {args.model}, batch {args.batch_size}x{base.seq_len}, f32 | arguments (MB) | '
     'temporaries (MB) | saved for backward (MB) |',

@@ -19,9 +19,10 @@ import dataclasses
 from benchmarks import report
 from examples.llama import compare
 from examples.llama import train as train_lib
+from examples.llama.train_config import TrainConfig
 
 # The demo's setting (make demo): 600 steps of 8 x 128 bytes, about 2 minutes a run on 2 cores.
-BASE = train_lib.TrainConfig(
+BASE = TrainConfig(
   model='tiny',
   steps=600,
   batch_size=8,
@@ -65,15 +66,13 @@ def final_loss(result: train_lib.RunResult) -> float:
   return [r for r in result.history if 'val_loss' in r][-1]['val_loss']
 
 
-def run(
-  base: train_lib.TrainConfig, name: str, lr: float, out_dir: str, **overrides
-) -> train_lib.RunResult:
+def run(base: TrainConfig, name: str, lr: float, out_dir: str, **overrides) -> train_lib.RunResult:
   cfg = dataclasses.replace(base, optimizer=name, learning_rate=lr, out_dir=out_dir, **overrides)
   print(f'-- {name} lr={lr:g} {overrides or ""}', flush=True)
   return train_lib.train(cfg)
 
 
-def sweep(base: train_lib.TrainConfig, out_dir: str) -> tuple[str, dict]:
+def sweep(base: TrainConfig, out_dir: str) -> tuple[str, dict]:
   """The sweep's table, and each optimizer's best run."""
   columns = max(len(rates) for rates in SWEEP.values())
   lines = [
@@ -91,14 +90,14 @@ def sweep(base: train_lib.TrainConfig, out_dir: str) -> tuple[str, dict]:
   return '\n'.join(lines), best_runs
 
 
-def headline(base: train_lib.TrainConfig, out_dir: str, done: dict) -> str:
+def headline(base: TrainConfig, out_dir: str, done: dict) -> str:
   """Every optimizer at its tuned rate (reusing runs already ``done``)."""
   return compare.table(
     [done.get(name) or run(base, name, lr, f'{out_dir}/{name}') for name, lr in TUNED.items()]
   )
 
 
-def study(base: train_lib.TrainConfig, out_dir: str, done: dict) -> str:
+def study(base: TrainConfig, out_dir: str, done: dict) -> str:
   """AdamSNSM variants at ``STUDY_LEARNING_RATE``, against tuned AdamW's final loss."""
   results = [done.get('adamw') or run(base, 'adamw', TUNED['adamw'], f'{out_dir}/adamw')]
   labels = ['adamw']

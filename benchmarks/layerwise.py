@@ -17,6 +17,7 @@ import dataclasses
 
 from benchmarks import report
 from examples.llama import train as train_lib
+from examples.llama.train_config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--optimizer', default='adamsnsm', help='registry optimizer')
   parser.add_argument('--out', default=None, help='write the table here')
   args = parser.parse_args(argv)
-  base = train_lib.TrainConfig(
+  base = TrainConfig(
     model='tiny',
     optimizer=args.optimizer,
     steps=args.steps,

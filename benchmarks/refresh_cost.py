@@ -106,8 +106,8 @@ def projected_kernels(size: str, mask: str, devices: int) -> list[Kernel]:
 
   from examples.llama import optimizers
   from examples.llama.configs import get_config
+  from examples.llama.mesh import fsdp_spec
   from examples.llama.model import Llama
-  from examples.llama.train import fsdp_spec
 
   model = nnx.eval_shape(lambda: Llama(get_config(size, scan_layers=True), nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -296,9 +296,10 @@ def compile_seconds(size, method, projector_name, mesh, data) -> float:
   """Compile seconds of the trainer's train step (one sequence per device)."""
   import jax
 
-  from examples.llama import train as train_lib
+  from examples.llama import run as run_lib
+  from examples.llama.train_config import TrainConfig
 
-  cfg = train_lib.TrainConfig(
+  cfg = TrainConfig(
     model=size,
     optimizer=method,
     projector=projector_name or 'svd',
@@ -310,7 +311,7 @@ def compile_seconds(size, method, projector_name, mesh, data) -> float:
     data=data,
     progress=False,
   )
-  run = train_lib.build(cfg)
+  run = run_lib.build(cfg)
   batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), 'int32', sharding=run.batch_sharding)
   start = time.perf_counter()
   run.step_fn.lower(run.restore_target(), batch, batch).compile()

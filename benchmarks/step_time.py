@@ -34,7 +34,8 @@ import optax
 from benchmarks import report
 from benchmarks.memory import abstract_params
 from examples.llama import optimizers
-from examples.llama import train as train_lib
+from examples.llama import run as run_lib
+from examples.llama.train_config import TrainConfig
 
 GAP = 200
 NEVER = 10**9
@@ -126,7 +127,7 @@ def refresh_table(model: str, rank: int, rounds: int, dtype) -> str:
 
 
 def train_table(model: str, rounds: int, names: list[str], bf16: bool) -> str:
-  base = train_lib.TrainConfig(
+  base = TrainConfig(
     model=model,
     steps=10**6,
     batch_size=8,
@@ -137,7 +138,7 @@ def train_table(model: str, rounds: int, names: list[str], bf16: bool) -> str:
   )
   runners = {}
   for name in names:
-    run = train_lib.build(dataclasses.replace(base, optimizer=name))
+    run = run_lib.build(dataclasses.replace(base, optimizer=name))
     box = {'state': run.init_state(), 'position': 0}
 
     def step(run=run, box=box) -> None:

@@ -3,7 +3,7 @@
     python -m benchmarks.train_memory --sizes 1b,7b --mesh fsdp=8 [--json out.json]
 
 The trainer's jitted step (forward, backward, global-norm clipping, update) is
-built by ``examples.llama.train.build`` on ``N`` fake CPU devices (``--mesh
+built by ``examples.llama.run.build`` on ``N`` fake CPU devices (``--mesh
 fsdp=N``), lowered with abstract inputs (``jax.ShapeDtypeStruct`` with the
 trainer's shardings) and compiled; it never runs and nothing is allocated.
 From ``compiled.memory_analysis()`` (one device's share of the SPMD program)
@@ -98,7 +98,7 @@ def total_bytes(tree) -> int:
 
 def config_for(size: str, label: str, mesh: str, batch: int, data: str):
   """The trainer's config of one label at one size."""
-  from examples.llama import train as train_lib
+  from examples.llama.train_config import TrainConfig
 
   base, _, suffixes = label.partition('+')
   optimizer, overrides = LABELS[base]
@@ -106,7 +106,7 @@ def config_for(size: str, label: str, mesh: str, batch: int, data: str):
   unknown = flags - {'bf16_states', 'scan', 'remat', 'layerwise'}
   if unknown:
     raise ValueError(f'unknown label suffix {sorted(unknown)} in {label!r}')
-  return train_lib.TrainConfig(
+  return TrainConfig(
     model=size,
     optimizer=optimizer,
     batch_size=batch,
@@ -126,9 +126,9 @@ def config_for(size: str, label: str, mesh: str, batch: int, data: str):
 def measure(cfg) -> Measurement:
   import jax
 
-  from examples.llama import train as train_lib
+  from examples.llama import run as run_lib
 
-  run = train_lib.build(cfg)
+  run = run_lib.build(cfg)
   target = run.restore_target()
   batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), 'int32', sharding=run.batch_sharding)
   start = time.perf_counter()

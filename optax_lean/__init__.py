@@ -1,6 +1,5 @@
 """optax_lean: memory-lean optimizers as composable optax transformations."""
 
-from optax_lean._src.alias import adagrad_sn, adagrad_snsm, adamsn, adamsnsm, rmsprop_sn, sgd_sm
 from optax_lean._src.combine import (
   AddDecayedWeightsAfterUpdateState,
   ScaleByRatioState,
@@ -31,6 +30,7 @@ from optax_lean._src.projectors import (
 )
 from optax_lean._src.rso import ScaleByRandomSubspaceState, rso, scale_by_random_subspace
 from optax_lean._src.sharding import state_sharding
+from optax_lean._src.snsm import adagrad_sn, adagrad_snsm, adamsn, adamsnsm, rmsprop_sn, sgd_sm
 from optax_lean._src.subset_norm import ScaleBySubsetNormState, scale_by_subset_norm
 from optax_lean._src.subspace_momentum import (
   ScaleBySubspaceMomentumState,

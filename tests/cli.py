@@ -12,8 +12,9 @@ import subprocess
 import sys
 from typing import Any
 
-from examples.llama import train as train_lib
+from examples.llama import run as run_lib
 from examples.llama.checkpoint import Checkpointer, quiet_failed_reads
+from examples.llama.train_config import TrainConfig
 
 # Damaged checkpoints are restored in this process too: opt in, as the trainer's main does.
 quiet_failed_reads()
@@ -71,11 +72,15 @@ def start(*args: str, env: dict[str, str], log: str) -> subprocess.Popen:
     return subprocess.Popen(command(*args), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+def restore_target(options: dict[str, Any]):
+  """The abstract state, with shardings, of a run with ``options`` (``TrainConfig`` fields)."""
+  return run_lib.build(TrainConfig(**options)).restore_target()
+
+
 def restore(checkpoint_dir: str, options: dict[str, Any], step: int | None = None):
   """The verified ``(state, record)`` of a checkpoint, restored in this process."""
-  target = train_lib.build(train_lib.TrainConfig(**options)).restore_target()
   checkpointer = Checkpointer(checkpoint_dir)
   try:
-    return checkpointer.restore(target, step)
+    return checkpointer.restore(restore_target(options), step)
   finally:
     checkpointer.close()

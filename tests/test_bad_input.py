@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from examples.llama import optimizers
-from examples.llama import train as train_lib
+from examples.llama import run as run_lib
+from examples.llama.train_config import TrainConfig
 from tests import cli
 
 DETECTABLE_CLUSTERS = ('SLURM_', 'OMPI_', 'KUBERNETES_', 'TPU_', 'JAX_COORDINATOR')
@@ -203,7 +204,7 @@ def test_bad_input_gives_one_line_and_a_non_zero_status(name, outcomes):
 def test_rank_check_allows_every_rank_some_matrix_takes(projector, limit, clipped, corpus):
   def build(rank):
     options = cli.toy_options(corpus, rank=rank, projector=projector)
-    return train_lib.build(train_lib.TrainConfig(**options))
+    return run_lib.build(TrainConfig(**options))
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')

@@ -116,7 +116,7 @@ def test_online_subspace_descent_learns_the_projector():
   bases = []
   for g in gradient_stream(shapes, 3):
     _, state = jax.jit(tx.update)(g, state)
-    bases.append(state.projector['kernel'])
+    bases.append(state.subspace_adam.projector['kernel'])
   first = bases[0]
   np.testing.assert_allclose(first.T @ first, np.eye(2), atol=1e-6)  # the SVD basis
   assert not np.allclose(bases[1], first) and not np.allclose(bases[2], bases[1])

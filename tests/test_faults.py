@@ -145,10 +145,6 @@ def test_checksums_ignore_sharding_and_see_every_bit_and_position():
     assert state_checksums([changed]) != state_checksums([x])
 
 
-def restore_target(options):
-  return cli.train_lib.build(cli.train_lib.TrainConfig(**options)).restore_target()
-
-
 def largest_file(directory: Path) -> Path:
   return max((p for p in directory.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
 
@@ -214,7 +210,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, straight, 
   damage(directory / '12')
   reports = []
   checkpointer = Checkpointer(str(directory))
-  state, record = checkpointer.restore_latest(restore_target(options), report=reports.append)
+  state, record = checkpointer.restore_latest(cli.restore_target(options), report=reports.append)
   checkpointer.close()
   chex.assert_trees_all_equal(state, previous[0])
   assert record == previous[1]

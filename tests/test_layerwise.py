@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from examples.llama import run as run_lib
 from examples.llama import train as train_lib
 from tests import cli
 from tests.test_llama import toy_config
@@ -63,7 +64,7 @@ def test_layerwise_temporaries_drop(corpus, tmp_path):
   """Compiled, never run: the whole stacked-blocks gradient is never live at once."""
 
   def compiled(layerwise):
-    run = train_lib.build(toy(corpus, tmp_path, batch_size=1, layerwise=layerwise))
+    run = run_lib.build(toy(corpus, tmp_path, batch_size=1, layerwise=layerwise))
     batch = jax.ShapeDtypeStruct((1, 32), 'int32', sharding=run.batch_sharding)
     return run, run.step_fn.lower(run.restore_target(), batch, batch).compile().memory_analysis()
 

@@ -14,10 +14,14 @@ from flax import nnx
 
 from examples.llama import data as data_lib
 from examples.llama import optimizers, rso_layers
+from examples.llama import run as run_lib
 from examples.llama import train as train_lib
 from examples.llama.checkpoint import Checkpointer
 from examples.llama.configs import get_config
+from examples.llama.metrics import TrainingError
 from examples.llama.model import Llama
+from examples.llama.steps import loss_fn
+from examples.llama.train_config import TrainConfig, build_parser
 from tests import cli
 
 
@@ -27,7 +31,7 @@ def open_text(path) -> str:
 
 
 def toy_config(corpus, tmp_path, **overrides):
-  base = train_lib.TrainConfig(
+  base = TrainConfig(
     model='toy',
     optimizer='adamsnsm',
     steps=6,
@@ -124,7 +128,7 @@ def test_one_step_lowers_the_loss(name):
   # A tenth of the peak: the size of an early warmup step, where one step must help.
   schedule = optax.constant_schedule(spec.learning_rate / 10)
   tx = spec.build(schedule, optimizers.Hyperparameters(rank=4))
-  loss = lambda p: train_lib.loss_fn(graphdef, p, inputs, targets)
+  loss = lambda p: loss_fn(graphdef, p, inputs, targets)
   before, grads = jax.value_and_grad(loss)(params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert loss(optax.apply_updates(params, updates)) < before
@@ -183,6 +187,16 @@ def test_cli_smoke_run(corpus, tmp_path, cli_env):
   assert 'final val loss' in out.stdout
 
 
+def test_every_flag_has_help_with_its_default():
+  parser = build_parser()
+  flags = [action for action in parser._actions if action.dest != 'help']
+  assert [action.dest for action in flags] == [f.name for f in dataclasses.fields(TrainConfig)]
+  for action in flags:
+    text, _, default = action.help.rpartition(' (default: ')
+    assert text and default == f'{action.default})', action.option_strings
+  assert '(default: adamsnsm)' in ' '.join(parser.format_help().split())  # renders, unwrapped
+
+
 @pytest.mark.parametrize('bad_step', [5, 6], ids=['between_refreshes', 'at_a_refresh'])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(bad_step, corpus, tmp_path):
   ckpt = tmp_path / 'ckpt'
@@ -190,12 +204,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(bad_step, corp
     corpus, tmp_path, nonfinite_grad_step=bad_step, checkpoint_every=1, checkpoint_dir=str(ckpt)
   )
   message = f'non-finite loss or gradient at step {bad_step}'
-  with pytest.raises(train_lib.TrainingError, match=message) as e:
+  with pytest.raises(TrainingError, match=message) as e:
     train_lib.train(cfg)
   checkpointer = Checkpointer(str(ckpt))
   assert checkpointer.latest_step() == bad_step - 1
   assert f'Last good checkpoint: step {bad_step - 1}' in str(e.value)
-  state, _ = checkpointer.restore(train_lib.build(cfg).restore_target())
+  state, _ = checkpointer.restore(run_lib.build(cfg).restore_target())
   checkpointer.close()
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
 
@@ -252,7 +266,7 @@ def test_rso_merge_keeps_the_function():
 
 def test_rso_layers_train_factors_and_merge_every_period(corpus, tmp_path):
   cfg = toy_config(corpus, tmp_path, optimizer='rso_layers', steps=6, update_proj_gap=3)
-  run = train_lib.build(cfg)
+  run = run_lib.build(cfg)
   state = run.init_state()
   kernels = [np.asarray(state.params['blocks'][0]['mlp']['up']['kernel'])]  # donated later
   for position in range(6):

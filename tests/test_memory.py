@@ -73,10 +73,13 @@ def test_galore_family_counts():
   no_ef = abstract_state(optax_lean.ldadam(1e-2, rank=rank, error_feedback=False))
   assert 'error' not in optax_lean.state_bytes_by_kind(no_ef)
 
-  osd = optax_lean.state_bytes_by_kind(
+  osd = optax_lean.state_bytes_by_leaf(
     abstract_state(optax_lean.online_subspace_descent(1e-2, rank=rank))
   )
-  assert osd['projector_mu'] == osd['projector_nu'] == osd['projector'] == 16 * rank * F32
+  basis = 16 * rank * F32
+  assert osd["[0].subspace_adam.projector['kernel']"] == basis
+  assert osd["[0].projector_adamw[0].mu['kernel']"] == basis  # the basis' own AdamW
+  assert osd["[0].projector_adamw[0].nu['kernel']"] == basis
 
   rso = optax_lean.state_bytes_by_kind(abstract_state(optax_lean.rso(1e-2, rank=rank)))
   assert rso['mu'] == lowrank  # the input axis is the smaller one here

@@ -1,6 +1,6 @@
 """Non-finite gradients and failed refreshes never corrupt what must survive.
 
-Behaviour (documented in the README): the transformations do not filter
+Behaviour (documented in docs/guide.md): the transformations do not filter
 gradients themselves. Wrapped in ``optax.apply_if_finite`` a non-finite step
 leaves parameters and state untouched. Unwrapped, a non-finite gradient
 poisons the moments as in any Adam; only the projector is protected: a refresh

@@ -1,4 +1,7 @@
-"""The README's Python blocks run, in order, as one program: the quick start stays true."""
+"""The README's and the guide's Python blocks run, in order, as one program each.
+
+So the quick start and the guide's snippets stay true.
+"""
 
 import os
 import re
@@ -7,8 +10,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def python_blocks() -> list[str]:
-  with open(os.path.join(ROOT, 'README.md')) as f:
+def python_blocks(path: str = 'README.md') -> list[str]:
+  with open(os.path.join(ROOT, path)) as f:
     return re.findall(r'^```python\n(.*?)^```$', f.read(), flags=re.MULTILINE | re.DOTALL)
 
 
@@ -25,3 +28,11 @@ def test_readme_python_blocks_run_in_order(monkeypatch, tmp_path):
     exec(compile(block, f'README.md python block {index}', 'exec'), namespace)
   assert int(namespace['state'].notfinite_count) == 0  # the steps ran and were finite
   assert os.listdir(tmp_path), 'the checkpoint block saved nothing'
+
+
+def test_guide_python_blocks_run_in_order():
+  blocks = python_blocks(os.path.join('docs', 'guide.md'))
+  assert blocks
+  namespace = {'__name__': 'guide'}
+  for index, block in enumerate(blocks):
+    exec(compile(block, f'docs/guide.md python block {index}', 'exec'), namespace)

@@ -213,13 +213,14 @@ def test_fsdp_splits_every_state_at_1b(name, scan_layers):
   """
   from flax import nnx
 
-  from examples.llama import configs, model, optimizers, train
+  from examples.llama import configs, model, optimizers
+  from examples.llama.mesh import fsdp_spec
 
   config = configs.get_config('1b', scan_layers=scan_layers)
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: model.Llama(config, nnx.Rngs(0)))))
   mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(AxisType.Auto,))
   param_shd = jax.tree.map(
-    lambda p: NamedSharding(mesh, train.fsdp_spec(p.shape, 8, scan_layers)), abstract
+    lambda p: NamedSharding(mesh, fsdp_spec(p.shape, 8, scan_layers)), abstract
   )
   tx = optimizers.build(name, optax.constant_schedule(1e-3), optimizers.Hyperparameters(rank=512))
   state = jax.eval_shape(tx.init, abstract)

@@ -44,7 +44,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-COMMIT_MARKER = 'commit_success.txt'
+# Orbax writes it into a step as it commits. On a local path ``all_steps()`` lists
+# a step without it (it only checks that the temporary directory was renamed),
+# so ``restore`` checks it itself.
+COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 SEAL = 'checksums'
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -271,6 +274,9 @@ class Checkpointer:
     if not os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER)):
       raise CheckpointError(f'its commit marker {COMMIT_MARKER} is missing')
     record, layout, expected = unseal(self._orbax_restore(step, record=ocp.args.JsonRestore()))
+    # The sealed layout, not orbax's ``item_metadata`` (which returns optax's
+    # NamedTuples as dicts and lists, and reads the array metadata a damaged
+    # step may lack): one comparison of the tree, shapes and dtypes.
     if layout != layout_digest(abstract_state):
       raise IncompatibleCheckpointError(
         f'checkpoint step {step} in {self.directory} holds a state of another structure or '

@@ -18,8 +18,10 @@ import sys
 
 import numpy as np
 
-from examples.llama import optimizers
+from examples.llama import mesh, validation
 from examples.llama import train as train_lib
+from examples.llama.metrics import TrainingError
+from examples.llama.train_config import TrainConfig, build_parser
 
 
 def steps_to_reach(history: list[dict], target: float) -> float | None:
@@ -52,7 +54,7 @@ def table(results: list[train_lib.RunResult], labels: list[str] | None = None) -
     final = [r for r in result.history if 'val_loss' in r][-1]
     reached = steps_to_reach(result.history, target)
     reach = 'not reached' if reached is None else f'{reached:.0f} ({reached / cfg.steps:.0%})'
-    lr = cfg.learning_rate or optimizers.REGISTRY[cfg.optimizer].learning_rate
+    lr = cfg.peak_learning_rate()
     memory = (
       f'{result.state_bytes / 2**20:.2f} MiB '
       f'({result.state_bytes / result.adamw_state_bytes:.0%} of adamw)'
@@ -92,20 +94,21 @@ def plot(results: list[train_lib.RunResult], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = train_lib.build_parser()
+  parser = build_parser()
   parser.description = __doc__.split('\n\n')[0]
   parser.add_argument(
     '--optimizers',
     default='adamw,adamsn,adamsnsm',
-    help='comma-separated registry names; the first is the reference',
+    help='comma-separated registry names; the first is the reference (default: %(default)s)',
   )
   args = parser.parse_args(argv)
   names = args.optimizers.split(',')
   del args.optimizers
-  base = train_lib.TrainConfig(**vars(args))
+  base = TrainConfig(**vars(args))
   out_dir = base.out_dir or os.path.join('runs', 'compare')
+  run_configs = [dataclasses.replace(base, optimizer=name) for name in names]
   problems = [
-    p for name in names for p in train_lib.validate(dataclasses.replace(base, optimizer=name))
+    p for cfg in run_configs for p in validation.config_problems(cfg) + mesh.mesh_problems(cfg.mesh)
   ]
   if problems:
     parser.error(problems[0])
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(base, optimizer=name, out_dir=os.path.join(out_dir, name))
     try:
       results.append(train_lib.train(cfg))
-    except (ValueError, train_lib.TrainingError) as e:
+    except (ValueError, TrainingError) as e:
       print(f'error: {name}: {e}', file=sys.stderr)
       return 1
 

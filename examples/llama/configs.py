@@ -1,8 +1,8 @@
 """Named model sizes: a CPU demo, CI toys, and the papers' LLaMA-on-C4 sizes.
 
 The paper sizes (60m ... 7b) are those of the GaLore / SN-SM benchmark harness
-(vocabulary 32000, sequence length 256); the small ones use the byte-level
-vocabulary of the bundled corpus.
+(vocabulary 32000, sequence length 256); the small ones train with the
+vocabulary of the run's tokenizer (``vocab_size``).
 """
 
 from __future__ import annotations
@@ -54,6 +54,14 @@ CONFIGS = {
   '1b': LlamaConfig(vocab_size=32000, dim=2048, n_layers=24, n_heads=32, ffn_dim=5461),
   '7b': LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_dim=11008),
 }
+
+# The sizes that train with their run's tokenizer's vocabulary (bytes, or a BPE of the corpus).
+TOKENIZER_VOCABULARY = ('toy', 'tiny', '5m', '20m')
+
+
+def vocab_size(name: str, tokenizer_vocab_size: int) -> int:
+  """The vocabulary config ``name`` trains with, given its run's tokenizer."""
+  return tokenizer_vocab_size if name in TOKENIZER_VOCABULARY else CONFIGS[name].vocab_size
 
 
 def get_config(name: str, **overrides) -> LlamaConfig:

@@ -24,6 +24,7 @@ the step equals the trainer's ordinary one, up to float32 rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -78,7 +79,67 @@ def _sum_of_squares(tree: Any) -> jax.Array:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-def make_step(graphdef, block_graphdef, tx: optax.GradientTransformation, clip_norm: float):
+def _clip_by_previous_norm(clip_norm: float, grad_norm: jax.Array) -> Callable[[Any], Any]:
+  """Scales gradients by ``min(1, clip_norm / grad_norm)``; no clipping when ``clip_norm`` is 0."""
+  scale = jnp.float32(1.0)
+  if clip_norm:
+    scale = jnp.where(grad_norm > clip_norm, clip_norm / grad_norm, 1.0)
+  return lambda grads: jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads)
+
+
+def _apply(tx: optax.GradientTransformation, grads: Any, state: Any, params: Any):
+  """``(params, state)`` after one update from ``grads``."""
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def _update_blocks(
+  tx: optax.GradientTransformation,
+  block: Callable[[Any, jax.Array], jax.Array],
+  clip: Callable[[Any], Any],
+  blocks: Any,
+  state: Any,
+  block_inputs: jax.Array,
+  cotangent: jax.Array,
+  norm_sq: jax.Array,
+) -> tuple[Any, Any, jax.Array, jax.Array]:
+  """The stacked blocks updated from the top down, one layer's gradient at a time.
+
+  Returns the blocks, their optimizer state, the cotangent of the first
+  block's input and ``norm_sq`` plus the squared norm of every block gradient.
+  """
+  axes = optax_lean.layer_axes(tx, blocks)
+  per_layer, shared = optax_lean.split_layers(state, axes)
+
+  # The blocks and their state are updated in place, in the loop's carry: one
+  # copy of each, whatever the number of layers.
+  def backward(carry, layer):
+    cotangent, norm_sq, blocks, per_layer, _ = carry
+    index, input_i = layer
+    params_i, state_i = jax.tree.map(lambda x: x[index], (blocks, per_layer))
+    _, block_vjp = jax.vjp(block, params_i, input_i)
+    grads_i, cotangent = block_vjp(cotangent)
+    updates_i, state_i, stepped = optax_lean.update_layer(
+      tx, clip(grads_i), state_i, shared, axes, params_i, index=index
+    )
+    write = lambda stack, value: jax.tree.map(lambda x, y: x.at[index].set(y), stack, value)
+    blocks = write(blocks, optax.apply_updates(params_i, updates_i))
+    per_layer = write(per_layer, state_i)
+    return (cotangent, norm_sq + _sum_of_squares(grads_i), blocks, per_layer, stepped), None
+
+  layers = jnp.arange(jax.tree.leaves(blocks)[0].shape[0])
+  carry = (cotangent, norm_sq, blocks, per_layer, shared)
+  carry, _ = jax.lax.scan(backward, carry, (layers, block_inputs), reverse=True)
+  cotangent, norm_sq, blocks, per_layer, shared = carry  # every layer steps `shared` alike
+  return blocks, optax_lean.merge_layers(per_layer, shared, axes), cotangent, norm_sq
+
+
+def make_step(
+  graphdef: nnx.GraphDef,
+  block_graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  clip_norm: float,
+) -> Callable[..., tuple[dict, LayerwiseState, jax.Array, jax.Array]]:
   """The layerwise step: ``(params, state, inputs, targets) -> (params, state, loss, norm)``."""
 
   def model(head: dict, embed: dict, blocks: Any):
@@ -95,10 +156,7 @@ def make_step(graphdef, block_graphdef, tx: optax.GradientTransformation, clip_n
 
   def step(params: dict, state: LayerwiseState, inputs, targets):
     blocks, head, embed = parts(params)
-    scale = jnp.float32(1.0)
-    if clip_norm:
-      scale = jnp.where(state.grad_norm > clip_norm, clip_norm / state.grad_norm, 1.0)
-    clip = lambda grads: jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads)
+    clip = _clip_by_previous_norm(clip_norm, state.grad_norm)
 
     x0, embed_vjp = jax.vjp(lambda e: model(head, e, blocks).embed(inputs), embed)
     keep_input = lambda x, layer: (block(layer, x), x)
@@ -109,43 +167,19 @@ def make_step(graphdef, block_graphdef, tx: optax.GradientTransformation, clip_n
     )
     head_grads, tied_grads, cotangent = head_vjp(jnp.ones_like(loss))
     norm_sq = _sum_of_squares(head_grads)
-    updates, head_state = tx.update(clip(head_grads), state.head, head)
-    head = optax.apply_updates(head, updates)
+    head, head_state = _apply(tx, clip(head_grads), state.head, head)
 
-    axes = optax_lean.layer_axes(tx, blocks)
-    per_layer, shared = optax_lean.split_layers(state.blocks, axes)
-
-    # The blocks and their state are updated in place, in the loop's carry: one
-    # copy of each, whatever the number of layers.
-    def backward(carry, layer):
-      cotangent, norm_sq, blocks, per_layer, _ = carry
-      index, input_i = layer
-      params_i, state_i = jax.tree.map(lambda x: x[index], (blocks, per_layer))
-      _, block_vjp = jax.vjp(block, params_i, input_i)
-      grads_i, cotangent = block_vjp(cotangent)
-      updates_i, state_i, stepped = optax_lean.update_layer(
-        tx, clip(grads_i), state_i, shared, axes, params_i, index=index
-      )
-      write = lambda stack, value: jax.tree.map(lambda x, y: x.at[index].set(y), stack, value)
-      blocks = write(blocks, optax.apply_updates(params_i, updates_i))
-      per_layer = write(per_layer, state_i)
-      return (cotangent, norm_sq + _sum_of_squares(grads_i), blocks, per_layer, stepped), None
-
-    layers = jnp.arange(jax.tree.leaves(blocks)[0].shape[0])
-    carry = (cotangent, norm_sq, blocks, per_layer, shared)
-    carry, _ = jax.lax.scan(backward, carry, (layers, block_inputs), reverse=True)
-    cotangent, norm_sq, blocks, per_layer, shared = carry  # every layer steps `shared` alike
+    blocks, blocks_state, cotangent, norm_sq = _update_blocks(
+      tx, block, clip, blocks, state.blocks, block_inputs, cotangent, norm_sq
+    )
 
     (embed_grads,) = embed_vjp(cotangent)
     embed_grads = jax.tree.map(jnp.add, embed_grads, tied_grads)
     norm_sq = norm_sq + _sum_of_squares(embed_grads)
-    updates, embed_state = tx.update(clip(embed_grads), state.embed, embed)
-    embed = optax.apply_updates(embed, updates)
+    embed, embed_state = _apply(tx, clip(embed_grads), state.embed, embed)
 
     grad_norm = jnp.sqrt(norm_sq)
-    new_state = LayerwiseState(
-      optax_lean.merge_layers(per_layer, shared, axes), head_state, embed_state, grad_norm
-    )
+    new_state = LayerwiseState(blocks_state, head_state, embed_state, grad_norm)
     return {**head, **embed, BLOCKS: blocks}, new_state, loss, grad_norm
 
   return step

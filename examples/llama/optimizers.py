@@ -23,11 +23,16 @@ from examples.llama import rso_layers
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
-  """What the command line can set, shared by all optimizers."""
+  """What the command line can set, shared by all optimizers.
+
+  These defaults are the trainer's too (``train_config.TrainConfig`` takes
+  them); the trainer always sets ``rank`` (default: a quarter of the model
+  width), which ``None`` here leaves to the optimizer.
+  """
 
   peak_learning_rate: float = 1e-3  # the schedule's peak (OSD scales its projector step by it)
   weight_decay: float = 0.0
-  rank: int = 32
+  rank: int | None = None  # None: the optimizer's own default
   update_proj_gap: int = 100
   projector: str = 'auto'  # the exact SVD on CPU, randomized on GPU and TPU
   subset_size: str | int = 'heuristic'
@@ -234,7 +239,7 @@ def rank_problem(name: str, hparams: Hyperparameters, params: Any) -> str | None
   allows, which is right when some kernels are smaller than others; a rank
   larger than every kernel allows is a mistake on the command line.
   """
-  if not REGISTRY[name].low_rank:
+  if not REGISTRY[name].low_rank or hparams.rank is None:
     return None
   projector = optax_lean.get_projector(hparams.projector)
   selected = jax.tree.leaves(linear_kernels(params))

@@ -19,10 +19,16 @@ of ``W``. Embeddings and norms train as usual.
 
 The paper has no official code; this follows its algorithm (Adam as the inner
 solver, no proximal term, projection on the input side).
+
+The trainer sees the option through one interface, ``trained_parameters``:
+which parameters the optimizer trains, how they rejoin the frozen rest, and
+what follows each step (``TrainAll`` for every other optimizer, which does
+nothing; ``TrainFactors`` here).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -64,16 +70,6 @@ def split(state: dict) -> tuple[dict, dict]:
   frozen = {p: v for p, v in flat.items() if p[:-1] in layers and p[-1] in (KERNEL, PROJECTION)}
   trainable = {p: v for p, v in flat.items() if p not in frozen}
   return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def no_split(state: dict) -> tuple[dict, dict]:
-  """Outside RSO everything is trainable."""
-  return state, {}
-
-
-def no_join(trainable: dict, frozen: dict) -> dict:
-  del frozen
-  return trainable
 
 
 def join(trainable: dict, frozen: dict) -> dict:
@@ -127,3 +123,76 @@ def partitioned(
     lambda is_factor: FACTOR if is_factor else 'other', factor_mask(params)
   )
   return optax.partition({FACTOR: factor_tx, 'other': other_tx}, labels)
+
+
+class TrainAll:
+  """Every parameter trains and nothing follows a step: every optimizer but RSO's own."""
+
+  @property
+  def rso_rank(self) -> int | None:
+    """The factor rank to build the model's linear layers with (``None``: plain layers)."""
+    return None
+
+  def split(self, params: dict) -> tuple[dict, dict]:
+    """``(trainable, frozen)``."""
+    return params, {}
+
+  def join(self, trainable: dict, frozen: dict) -> dict:
+    """The parameters of ``split``'s two parts."""
+    del frozen
+    return trainable
+
+  def after_step(
+    self,
+    tx: optax.GradientTransformation,
+    step: jax.Array,
+    params: dict,
+    opt_state: Any,
+    trainable: dict,
+  ) -> tuple[dict, Any]:
+    """The parameters and optimizer state once micro step ``step`` (from 1) is applied."""
+    del tx, step, trainable
+    return params, opt_state
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFactors(TrainAll):
+  """RSO on the model side: the factors train, merged and redrawn every ``period`` micro steps.
+
+  Between merges every RSO kernel and random projection is frozen.
+  """
+
+  rank: int
+  period: int
+  seed: int
+
+  @property
+  def rso_rank(self) -> int:
+    return self.rank
+
+  def split(self, params: dict) -> tuple[dict, dict]:
+    return split(params)
+
+  def join(self, trainable: dict, frozen: dict) -> dict:
+    return join(trainable, frozen)
+
+  def after_step(
+    self,
+    tx: optax.GradientTransformation,
+    step: jax.Array,
+    params: dict,
+    opt_state: Any,
+    trainable: dict,
+  ) -> tuple[dict, Any]:
+    """At every ``period``-th micro step: ``merge_and_redraw`` and fresh factor states."""
+    key = jax.random.fold_in(jax.random.key(self.seed), step)
+    return jax.lax.cond(
+      step % self.period == 0,
+      lambda: (merge_and_redraw(params, key), reset_factor_state(tx, opt_state, trainable)),
+      lambda: (params, opt_state),
+    )
+
+
+def trained_parameters(trains_factors: bool, rank: int, period: int, seed: int) -> TrainAll:
+  """``TrainFactors`` of ``rank`` for an optimizer that trains RSO factors, else ``TrainAll``."""
+  return TrainFactors(rank, period, seed) if trains_factors else TrainAll()

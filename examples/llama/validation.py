@@ -2,7 +2,7 @@
 
 Each problem is one line naming the flag, its value and what it must be; the
 command line prints the first and exits with status 2 before any work.
-``cfg`` is a ``train.TrainConfig``.
+``cfg`` is a ``train_config.TrainConfig``.
 """
 
 from __future__ import annotations

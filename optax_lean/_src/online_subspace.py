@@ -16,7 +16,7 @@ import optax
 
 from optax_lean._src import checks, dtypes, leafwise, sharding
 from optax_lean._src import projectors as proj_lib
-from optax_lean._src.adam import adam_step, validate_adam
+from optax_lean._src.adam import validate_adam
 from optax_lean._src.combine import chain_with_decay_after_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.subspace import SubspacePlan, plan_subspaces
@@ -27,22 +27,43 @@ class ScaleByOnlineSubspaceDescentState(NamedTuple):
   """State of ``scale_by_online_subspace_descent``.
 
   Attributes:
-    count: Number of updates so far (``shape=(), dtype=int32``).
-    mu: Per leaf, Adam's first moment (low-rank for a leaf with a subspace).
-    nu: Per leaf, Adam's second moment, shaped like ``mu``.
-    projector: Per leaf with a subspace, the learned basis ``(…, size, r)``;
-      ``None`` otherwise.
-    projector_mu: The projector's AdamW first moment, shaped like
-      ``projector``.
-    projector_nu: The projector's AdamW second moment, likewise.
+    subspace_adam: The weights' subspace Adam (``ScaleBySubspaceAdamState``):
+      the step count, the (low-rank) moments, and per leaf with a subspace the
+      learned basis ``(…, size, r)`` in its ``projector`` field.
+    projector_adamw: The bases' AdamW state (``projector_adamw``'s chain),
+      with moments shaped like the bases; its step count starts at the
+      second update, the first step the bases learn.
   """
 
-  count: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
-  projector: optax.Updates
-  projector_mu: optax.Updates
-  projector_nu: optax.Updates
+  subspace_adam: ScaleBySubspaceAdamState
+  projector_adamw: optax.OptState
+
+
+def projector_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  weight_decay: jax.typing.ArrayLike,
+) -> optax.GradientTransformation:
+  r"""PyTorch's ``AdamW`` of the bases, as a chain of optax parts.
+
+    Adam with ``eps`` on the corrected root, then the decoupled decay, then the
+    step size: :math:`P \leftarrow P - \eta (\mathrm{Adam}(
+  abla) + \lambda P)`,
+    which is PyTorch's decay-then-step :math:`P (1 - \eta\lambda) - \eta\,
+    \mathrm{Adam}(
+  abla)`. A schedule is of the chain's own step count.
+  """
+  return optax.chain(
+    optax.scale_by_adam(b1, b2, eps),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _is_float(x: jax.Array) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def pca_loss_gradient(
@@ -153,7 +174,8 @@ def scale_by_online_subspace_descent(
     >>> import jax.numpy as jnp, optax_lean
     >>> tx = optax_lean.scale_by_online_subspace_descent(rank=2)
     >>> state = tx.init({'kernel': jnp.ones((4, 6))})
-    >>> state.projector['kernel'].shape, state.projector_mu['kernel'].shape
+    >>> adam, adamw = state.subspace_adam, state.projector_adamw
+    >>> adam.projector['kernel'].shape, adamw[0].mu['kernel'].shape
     ((4, 2), (4, 2))
 
   References:
@@ -166,7 +188,7 @@ def scale_by_online_subspace_descent(
   checks.non_negative('projector_weight_decay', projector_weight_decay)
   checks.non_negative('orthogonality_penalty', orthogonality_penalty)
   projector = proj_lib.SVDProjector()
-  inner = scale_by_subspace_adam(
+  engine = scale_by_subspace_adam(
     b1,
     b2,
     eps,
@@ -182,6 +204,13 @@ def scale_by_online_subspace_descent(
   )
   if projector_learning_rate is None:
     projector_learning_rate = 1.0 / update_proj_gap
+  if callable(projector_learning_rate):
+    # The bases first learn at update 1, where the chain's own count is 0.
+    schedule = projector_learning_rate
+    projector_learning_rate = lambda count: schedule(count + 1)
+  bases_optimizer = projector_adamw(
+    projector_learning_rate, projector_b1, projector_b2, projector_eps, projector_weight_decay
+  )
 
   def plans(tree) -> list[SubspacePlan | None]:
     return plan_subspaces(
@@ -190,64 +219,46 @@ def scale_by_online_subspace_descent(
 
   def init_fn(params):
     params = dtypes.as_arrays(params)
-    leaves, treedef = jax.tree.flatten(params)
-    leaf_plans = plans(params)
+    plans(params)  # refuses complex leaves before the engine plans them
+    subspace_adam = engine.init(params)
+    return ScaleByOnlineSubspaceDescentState(
+      subspace_adam, bases_optimizer.init(subspace_adam.projector)
+    )
 
-    def zeros():  # one buffer per moment, so that states can be donated
-      return jax.tree.unflatten(
-        treedef,
-        [
-          None if plan is None else plan.projector_zeros(p, projector_dtype)
-          for p, plan in zip(leaves, leaf_plans)
-        ],
-      )
-
-    return ScaleByOnlineSubspaceDescentState(*inner.init(params), zeros(), zeros())
-
-  def learn(g, proj_state, p_mu, p_nu, plan, count, step_size):
-    """One AdamW step of the basis on the PCA loss of ``g`` (none at step 0)."""
-    dtype = dtypes.compute_dtype(g.dtype, proj_state.dtype)
+  def pca_gradient(index, g, basis, plan):
+    del index
+    if plan is None:
+      return None, None
+    dtype = dtypes.compute_dtype(g.dtype, basis.dtype)
     g_a = plan.rows(g).astype(dtype)
-    basis = plan.basis(proj_state, g_a, dtype)
-    gradient = pca_loss_gradient(basis, g_a, orthogonality_penalty)
-    direction, new_mu, new_nu = adam_step(
-      gradient,
-      p_mu,
-      p_nu,
-      jnp.maximum(count, 1),
-      projector_b1,
-      projector_b2,
-      projector_eps,
-      'torch',
-    )
-    step_size = jnp.asarray(step_size, dtype)
-    decay = 1 - step_size * jnp.asarray(projector_weight_decay, dtype)
-    new_basis = basis * decay - step_size * direction
-    learned = count > 0
-    keep = lambda new, old: sharding.reshard_like(
-      jnp.where(learned, new, old.astype(dtype)).astype(old.dtype), old
-    )
-    return keep(new_basis, proj_state), keep(new_mu, p_mu), keep(new_nu, p_nu)
+    return pca_loss_gradient(plan.basis(basis, g_a, dtype), g_a, orthogonality_penalty), None
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     updates = dtypes.as_arrays(updates)
-    inner_state = ScaleBySubspaceAdamState(state.count, state.mu, state.nu, state.projector)
-    outputs, inner_state = inner.update(updates, inner_state)
-    step_size = projector_learning_rate
-    if callable(step_size):
-      step_size = step_size(state.count)
-
-    def learn_leaf(index, g, proj_state, p_mu, p_nu, plan):
-      del index
-      if plan is None:
-        return None, None, None, None
-      return (None, *learn(g, proj_state, p_mu, p_nu, plan, state.count, step_size))
-
-    fields = (inner_state.projector, state.projector_mu, state.projector_nu)
-    _, (projector, p_mu, p_nu) = leafwise.map_leaves(learn_leaf, updates, fields, plans(updates))
+    leaf_plans = plans(updates)
+    outputs, subspace_adam = engine.update(updates, state.subspace_adam)
+    if all(plan is None for plan in leaf_plans):
+      return outputs, state._replace(subspace_adam=subspace_adam)
+    # The bases' AdamW runs on float32 copies (float64 ones for float64
+    # bases), as every moment of the library: half-precision moments lose
+    # too much, and eps = 1e-8 is zero in float16.
+    working = lambda x: x.astype(dtypes.compute_dtype(x.dtype)) if _is_float(x) else x
+    bases = jax.tree.map(working, subspace_adam.projector)
+    gradients, _ = leafwise.map_leaves(
+      pca_gradient, updates, (bases,), leaf_plans, outputs_like=bases
+    )
+    with jax.numpy_dtype_promotion('standard'):  # optax's Adam raises decays to int counts
+      steps, adamw_state = bases_optimizer.update(
+        gradients, jax.tree.map(working, state.projector_adamw), bases
+      )
+    # Update 0 takes the first SVD basis; the bases learn from update 1 on.
+    learns = state.subspace_adam.count > 0
+    keep = lambda new, old: sharding.cast_like(jnp.where(learns, new, old.astype(new.dtype)), old)
+    new_bases = jax.tree.map(keep, optax.apply_updates(bases, steps), subspace_adam.projector)
+    adamw_state = jax.tree.map(keep, adamw_state, state.projector_adamw)
     return outputs, ScaleByOnlineSubspaceDescentState(
-      *inner_state._replace(projector=projector), p_mu, p_nu
+      subspace_adam._replace(projector=new_bases), adamw_state
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -13,6 +13,7 @@ axes), the dense basis, and a keyed refresh.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 
@@ -26,6 +27,11 @@ from optax_lean._src.dimension_numbers import (
   path_str,
   resolve_layouts,
 )
+
+# What moments do when the basis changes, one vocabulary for every engine:
+# 'keep' them, 'reset' them to zero, 'rotate' them into the new basis, or the
+# released SN-SM code's 'official' order (``scale_by_subspace_momentum``).
+OnRefresh = Literal['official', 'reset', 'keep', 'rotate']
 
 
 @dataclasses.dataclass(frozen=True)

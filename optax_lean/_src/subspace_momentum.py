@@ -8,7 +8,7 @@ ICML 2025; official code https://github.com/timmytonga/sn-sm
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +18,7 @@ from optax import tree as otu
 from optax_lean._src import checks, dtypes, leafwise
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.subspace import plan_subspaces, refresh_due
-
-MOMENTUM_ON_REFRESH = ('official', 'reset', 'keep', 'rotate')
+from optax_lean._src.subspace import OnRefresh, plan_subspaces, refresh_due
 
 
 class ScaleBySubspaceMomentumState(NamedTuple):
@@ -46,7 +44,7 @@ def scale_by_subspace_momentum(
   update_proj_gap: int = 200,
   projector: str | proj_lib.Projector = 'auto',
   *,
-  momentum_on_refresh: str = 'official',
+  momentum_on_refresh: OnRefresh = 'official',
   bias_correction: bool = False,
   mask: MaskOrFn | None = None,
   dimension_numbers: DimensionNumbersOrFn | None = None,
@@ -129,7 +127,7 @@ def scale_by_subspace_momentum(
   checks.in_interval('b1', b1, 0.0, 1.0)
   checks.positive_int('rank', rank)
   checks.positive_count('update_proj_gap', update_proj_gap)
-  checks.one_of('momentum_on_refresh', momentum_on_refresh, MOMENTUM_ON_REFRESH)
+  checks.one_of('momentum_on_refresh', momentum_on_refresh, get_args(OnRefresh))
   projector = proj_lib.get_projector(projector)
   if checks.is_zero(b1):
     return optax.identity()

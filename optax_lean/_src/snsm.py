@@ -1,6 +1,9 @@
-"""Ready-to-use optimizers of the SN/SM family (arXiv 2411.07120).
+"""The SN/SM optimizers (arXiv 2411.07120): AdamSNSM, AdamSN and their siblings.
 
-Each alias is an ``optax.chain`` of a ``scale_by_*`` core,
+The GaLore family's optimizers live beside their own cores (``galore``,
+``ldadam``, ``online_subspace``, ``rso``); this module holds the optimizers
+built from the two SN/SM engines, ``subset_norm`` and ``subspace_momentum``.
+Each is an ``optax.chain`` of a ``scale_by_*`` core,
 ``optax.scale_by_learning_rate`` and ``add_decayed_weights_after_update``,
 reproducing the official ``GenericOptim`` (Hugging Face flavour: ``eps`` on the
 uncorrected second moment, weight decay after the update). Leaves chosen by
@@ -21,6 +24,7 @@ from optax_lean._src.combine import chain_with_decay_after_update, scale_by_rati
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.projectors import Projector
 from optax_lean._src.subset_norm import SubsetSize, scale_by_subset_norm
+from optax_lean._src.subspace import OnRefresh
 from optax_lean._src.subspace_momentum import scale_by_subspace_momentum
 
 
@@ -46,7 +50,7 @@ def adamsnsm(
   projector: str | Projector = 'auto',
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
-  momentum_on_refresh: str = 'official',
+  momentum_on_refresh: OnRefresh = 'official',
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
@@ -363,7 +367,7 @@ def adagrad_snsm(
   subset_size: SubsetSize = 'heuristic',
   projector: str | Projector = 'auto',
   mask: MaskOrFn | None = None,
-  momentum_on_refresh: str = 'official',
+  momentum_on_refresh: OnRefresh = 'official',
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
@@ -450,7 +454,7 @@ def sgd_sm(
   update_proj_gap: int = 200,
   projector: str | Projector = 'auto',
   mask: MaskOrFn | None = None,
-  momentum_on_refresh: str = 'official',
+  momentum_on_refresh: OnRefresh = 'official',
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   projector_dtype: jax.typing.DTypeLike | None = None,
