@@ -201,6 +201,7 @@ def scale_by_online_subspace_descent(
     mu_dtype=mu_dtype,
     nu_dtype=nu_dtype,
     projector_dtype=projector_dtype,
+    real_only='online_subspace_descent',
   )
   if projector_learning_rate is None:
     projector_learning_rate = 1.0 / update_proj_gap
@@ -212,15 +213,11 @@ def scale_by_online_subspace_descent(
     projector_learning_rate, projector_b1, projector_b2, projector_eps, projector_weight_decay
   )
 
-  def plans(tree) -> list[SubspacePlan | None]:
-    return plan_subspaces(
-      tree, projector, rank, mask, dimension_numbers, real_only='online_subspace_descent'
-    )
+  def plans(tree) -> list[SubspacePlan | None]:  # the engine's, which has refused complex leaves
+    return plan_subspaces(tree, projector, rank, mask, dimension_numbers)
 
   def init_fn(params):
-    params = dtypes.as_arrays(params)
-    plans(params)  # refuses complex leaves before the engine plans them
-    subspace_adam = engine.init(params)
+    subspace_adam = engine.init(dtypes.as_arrays(params))
     return ScaleByOnlineSubspaceDescentState(
       subspace_adam, bases_optimizer.init(subspace_adam.projector)
     )
@@ -238,7 +235,7 @@ def scale_by_online_subspace_descent(
     updates = dtypes.as_arrays(updates)
     leaf_plans = plans(updates)
     outputs, subspace_adam = engine.update(updates, state.subspace_adam)
-    if all(plan is None for plan in leaf_plans):
+    if all(plan is None for plan in leaf_plans):  # no basis (the tree may be a bare leaf)
       return outputs, state._replace(subspace_adam=subspace_adam)
     # The bases' AdamW runs on float32 copies (float64 ones for float64
     # bases), as every moment of the library: half-precision moments lose

@@ -88,6 +88,7 @@ def scale_by_subspace_adam(
   nu_dtype: jax.typing.DTypeLike | None = None,
   projector_dtype: jax.typing.DTypeLike | None = None,
   seed: int = 0,
+  real_only: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam inside a subspace of each selected matrix, plain Adam elsewhere.
 
@@ -101,8 +102,7 @@ def scale_by_subspace_adam(
     b1: First-moment decay.
     b2: Second-moment decay.
     eps: Adam's offset, in the ``flavour``'s place.
-    rank: ``None`` (default: 128) or the subspace rank (clipped, with a warning,
-      to each matrix's limit).
+    rank: The subspace rank (clipped, with a warning, to each matrix's limit).
     update_proj_gap: Steps between refreshes, or ``None`` for a projector
       set at the first step only.
     scale: Factor on the back-projected direction of selected leaves.
@@ -119,6 +119,8 @@ def scale_by_subspace_adam(
       complex leaves).
     projector_dtype: Stored-basis dtype (default: the leaf's).
     seed: Seed of random projectors.
+    real_only: The name of a method whose subspace rule needs real matrices:
+      a selected complex leaf is then refused with a ``ValueError`` naming it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -131,7 +133,9 @@ def scale_by_subspace_adam(
   validate_adam(b1, b2, eps)
 
   def plans(tree, warn=False):
-    return plan_subspaces(tree, projector, rank, mask, dimension_numbers, warn=warn)
+    return plan_subspaces(
+      tree, projector, rank, mask, dimension_numbers, warn=warn, real_only=real_only
+    )
 
   def refreshes(count):
     if update_proj_gap is None:
