@@ -124,3 +124,111 @@ def collective_bytes(text: str) -> dict[str, int]:
         )
         moved[kind] = moved.get(kind, 0) + size
   return moved
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+  """One buffer live at a compiled program's peak: what makes it, its shape, where from."""
+
+  name: str  # the HLO instruction, with its tuple index when it is part of a tuple
+  size: int  # bytes on one device
+  op: str  # the HLO opcode (a fusion names its kind), or 'parameter'
+  shape: str
+  jax_op: str  # the JAX operation it lowers (metadata op_name)
+  source: str  # the innermost Python frame, ``file:line (function)``
+
+
+_INSTRUCTION = re.compile(r'^%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$')
+_LIVE = re.compile(r'^\s+([\w.\-]+)\{([\d,]*)\}: (\d+) bytes')
+_OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
+_FRAME = re.compile(r'stack_frame_id=(\d+)')
+_FUSION_KIND = re.compile(r'kind=(k\w+)')
+
+
+def _split_tuple(shape: str) -> list[str]:
+  """The element shapes of a tuple shape ``(a, b, ...)`` (nesting kept whole)."""
+  inner, parts, depth, start = shape[1:-1], [], 0, 0
+  for i, char in enumerate(inner):
+    depth += char in '([{'
+    depth -= char in ')]}'
+    if char == ',' and depth == 0:
+      parts.append(inner[start:i].strip())
+      start = i + 1
+  parts.append(inner[start:].strip())
+  return [re.sub(r'/\*index=\d+\*/', '', part).strip() for part in parts if part]
+
+
+def _stack_frames(text: str) -> dict[int, str]:
+  """``stack_frame_id -> 'file:line (function)'`` from the module's frame tables."""
+  tables: dict[str, dict[int, str]] = {}
+  table = None
+  for line in text.splitlines():
+    if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+      table = tables.setdefault(line, {})
+      continue
+    match = re.match(r'^(\d+) (.*)$', line)
+    if table is not None and match is not None:
+      table[int(match.group(1))] = match.group(2)
+    else:
+      table = None
+  files = {k: v.strip('"') for k, v in tables.get('FileNames', {}).items()}
+  functions = {k: v.strip('"') for k, v in tables.get('FunctionNames', {}).items()}
+  fields = lambda entry: dict(re.findall(r'(\w+)=(\d+)', entry))
+  locations = {}
+  for key, entry in tables.get('FileLocations', {}).items():
+    f = fields(entry)
+    path = files.get(int(f['file_name_id']), '?')
+    for marker in ('site-packages/', f'{_repo_root()}/'):
+      path = path.split(marker, 1)[-1]
+    locations[key] = f'{path}:{f["line"]} ({functions.get(int(f["function_name_id"]), "?")})'
+  return {
+    key: locations.get(int(fields(entry)['file_location_id']), '?')
+    for key, entry in tables.get('StackFrames', {}).items()
+  }
+
+
+def _repo_root() -> str:
+  import os
+
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def peak_buffers(live_range_text: str, hlo_text: str) -> list[Buffer]:
+  """The buffers live at the peak of a compiled program, largest first.
+
+  Args:
+    live_range_text: XLA's ``*-live-range.txt`` dump of the program (its
+      ``Live ranges at N (peak)`` section lists each live buffer's bytes).
+    hlo_text: The optimized HLO dump of the same program, for each buffer's
+      opcode, shape, JAX operation and source line.
+  """
+  instructions = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line.strip())
+    if match:
+      instructions[match.group(1)] = match
+  frames = _stack_frames(hlo_text)
+  lines = live_range_text.splitlines()
+  start = next((i for i, line in enumerate(lines) if '(peak)' in line), len(lines))
+  buffers = []
+  for line in lines[start + 1 :]:
+    live = _LIVE.match(line)
+    if live is None:
+      break
+    name, index, size = live.group(1), live.group(2), int(live.group(3))
+    found = instructions.get(name)
+    op = shape = jax_op = source = '?'
+    if found is not None:
+      shape, op, rest = found.group(2), found.group(3), found.group(4)
+      if index and shape.startswith('('):
+        parts = _split_tuple(shape)
+        shape = parts[int(index.split(',')[0])] if int(index.split(',')[0]) < len(parts) else shape
+      shape = re.sub(r'\{[\d,]*\}', '', shape)
+      kind = _FUSION_KIND.search(rest)
+      op = f'fusion:{kind.group(1)[1:]}' if op == 'fusion' and kind else op
+      op_name = _OP_NAME.search(rest)
+      jax_op = op_name.group(1).replace("\\'", "'") if op_name else ''
+      frame = _FRAME.search(rest)
+      source = frames.get(int(frame.group(1)), '') if frame else ''
+    buffers.append(Buffer(f'{name}{{{index}}}' if index else name, size, op, shape, jax_op, source))
+  return sorted(buffers, key=lambda b: -b.size)

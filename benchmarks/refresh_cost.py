@@ -99,8 +99,12 @@ class Kernel:
   spec: tuple
 
 
-def projected_kernels(size: str, mask: str, devices: int) -> list[Kernel]:
-  """The kernels ``mask`` projects in the scanned model, with the trainer's specs."""
+def projected_kernels(size: str, mask: str, devices: int, separate: int = 0) -> list[Kernel]:
+  """The kernels ``mask`` projects, with the trainer's specs.
+
+  The scanned model's stacks, or with ``separate`` the kernels of its first
+  ``separate`` blocks as separate leaves (a model without ``nnx.scan``).
+  """
   import jax
   from flax import nnx
 
@@ -109,8 +113,13 @@ def projected_kernels(size: str, mask: str, devices: int) -> list[Kernel]:
   from examples.llama.mesh import fsdp_spec
   from examples.llama.model import Llama
 
-  model = nnx.eval_shape(lambda: Llama(get_config(size, scan_layers=True), nnx.Rngs(0)))
+  config = get_config(size, scan_layers=not separate)
+  if separate:
+    config = dataclasses.replace(config, n_layers=separate)
+  model = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if separate:  # the blocks alone: the output head is not part of the setting
+    params = {'blocks': params['blocks']}
   chosen = jax.tree.leaves(getattr(optimizers, mask)(params))
   kernels = []
   for (path, leaf), selected in zip(jax.tree_util.tree_flatten_with_path(params)[0], chosen):
@@ -149,44 +158,41 @@ def projector_sharding(kernel: Kernel, projector, rank: int, mesh):
 def refresh_program(kernels: list[Kernel], projector, rank: int, mesh):
   """The jitted refresh of ``kernels`` on ``mesh`` and its abstract arguments.
 
-  A projector that rebuilds its basis at every step (``regenerates_basis``)
-  is measured by what it does at every step instead: its new basis.
+  The refresh is the library's own (``refresh_projectors``: every matrix of
+  the tree, one per device at a time). A projector that rebuilds its basis
+  at every step (``regenerates_basis``) is measured by what it does at every
+  step instead: its new bases.
   """
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
 
   import optax_lean
+  from optax_lean._src import subspace
 
   dense = optax_lean.SVDProjector(side=projector.side, square_side=projector.square_side)
   rebuilds = regenerates_basis(projector)
-  g_shd, state_shd, out_shd, g_abs, state_abs, ranks = [], [], [], [], [], []
-  for kernel in kernels:
-    *batch, n_in, n_out = kernel.shape
-    axis = projector.axis(n_in, n_out)
-    leaf_rank = min(rank, projector.max_rank(n_in, n_out))
-    spec = kernel.spec if axis == -2 else (*kernel.spec[:-2], kernel.spec[-1], kernel.spec[-2])
-    rows = (*batch, *((n_in, n_out) if axis == -2 else (n_out, n_in)))
-    sharding, state = projector_sharding(kernel, projector, leaf_rank, mesh)
-    g_shd.append(NamedSharding(mesh, PartitionSpec(*spec)))
+  params = [jax.ShapeDtypeStruct(kernel.shape, jnp.float32) for kernel in kernels]
+  plans = subspace.plan_subspaces(params, projector, rank, True, optax_lean.DimensionNumbers())
+  g_shd, state_shd, out_shd, state_abs = [], [], [], []
+  for kernel, plan in zip(kernels, plans):
+    sharding, state = projector_sharding(kernel, projector, plan.rank, mesh)
+    g_shd.append(NamedSharding(mesh, PartitionSpec(*kernel.spec)))
     state_shd.append(sharding)
-    out_shd.append(projector_sharding(kernel, dense, leaf_rank, mesh)[0] if rebuilds else sharding)
-    g_abs.append(jax.ShapeDtypeStruct(rows, jnp.float32))
+    out_shd.append(projector_sharding(kernel, dense, plan.rank, mesh)[0] if rebuilds else sharding)
     state_abs.append(state)
-    ranks.append(leaf_rank)
 
-  def refresh(g_as, states):
+  def refresh(gradients, states):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      new = []
-      for index, (g_a, state, r) in enumerate(zip(g_as, states, ranks)):
-        fresh = projector.refresh(g_a, state, r, jax.random.key(index))
-        if rebuilds:
-          fresh = projector.basis(fresh, (*g_a.shape[:-1], r), g_a.dtype)
-        new.append(fresh)
+      new = subspace.refresh_projectors(gradients, states, plans, 0, jnp.zeros([], jnp.int32))
+      if rebuilds:
+        new = [
+          plan.basis(fresh, plan.rows(g), g.dtype) for fresh, plan, g in zip(new, plans, gradients)
+        ]
       return new
 
   program = jax.jit(refresh, in_shardings=(g_shd, state_shd), out_shardings=out_shd)
-  return program, (g_abs, state_abs), (g_shd, state_shd)
+  return program, (params, state_abs), (g_shd, state_shd)
 
 
 @dataclasses.dataclass
@@ -241,7 +247,12 @@ def cpu_seconds(kernels, projector, rank, mesh, repeats: int) -> float:
 
 
 def timed_slice(kernels: list[Kernel], layers: int) -> list[Kernel]:
-  """The first ``layers`` layers of the first attention and the first MLP stack."""
+  """The first ``layers`` layers of the first attention and the first MLP stack.
+
+  Separate (2-D) kernels are all timed.
+  """
+  if all(len(kernel.shape) == 2 for kernel in kernels):
+    return kernels
   picked = []
   for part in ("['attn']", "['mlp']"):
     stack = next((k for k in kernels if part in k.path and len(k.shape) == 3), None)
@@ -260,7 +271,7 @@ def measure_refresh(size, method, projector_name, devices, args, timings: dict) 
 
   projector = projector_of(method, projector_name)
   rank = PAPER_RANK[size]
-  kernels = projected_kernels(size, METHODS[method][1], devices)
+  kernels = projected_kernels(size, METHODS[method][1], devices, args.separate)
   meshes = [
     jax.make_mesh(
       (n,), ('fsdp',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
@@ -350,10 +361,12 @@ def percent(fraction: float | None) -> str:
   return '—' if fraction is None else f'{100 * fraction:.2g}%'
 
 
-def table(size: str, mesh: str, rows: dict) -> str:
+def table(size: str, mesh: str, rows: dict, separate: int = 0) -> str:
   fmt = lambda x, spec: '—' if x is None or x != x else format(x, spec)
+  layout = f'{separate} blocks as separate leaves' if separate else 'scanned layers'
+
   lines = [
-    f'**{size}**, mesh {mesh}, scanned layers, rank {PAPER_RANK[size]}; flops per device of '
+    f'**{size}**, mesh {mesh}, {layout}, rank {PAPER_RANK[size]}; flops per device of '
     'one refresh (all matrices), CPU seconds of a refresh of the timed slice, amortised over '
     "the gap against a train step at the papers' batch",
     '',
@@ -415,6 +428,12 @@ def main(argv: list[str] | None = None) -> None:
     '--time-layers', type=int, default=None, help='layers of the timed slice (default N; 0: none)'
   )
   parser.add_argument('--repeats', type=int, default=1, help='timed runs, least kept (default 1)')
+  parser.add_argument(
+    '--separate',
+    type=int,
+    default=0,
+    help='the first K blocks unscanned, each kernel a leaf of its own (default: scanned stacks)',
+  )
   parser.add_argument('--no-compile', action='store_true', help='skip the train-step compiles')
   parser.add_argument('--json', default=None, help='write {model: {method: {projector: ...}}}')
   parser.add_argument('--out', default=None, help='write the markdown tables here')
@@ -432,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
       f.write('the quick brown fox jumps over the lazy dog. ' * 20000)
     for size in args.sizes.split(','):
       results[size] = measure_size(size, args, data)
-      sections.append(table(size, args.mesh, results[size]))
+      sections.append(table(size, args.mesh, results[size], args.separate))
       print(sections[-1] + '\n', flush=True)
   report.save(sections, args.out, results, args.json)
 

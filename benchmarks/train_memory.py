@@ -22,21 +22,33 @@ trainer's ``--state-dtype bfloat16``), ``+scan`` (``--scan-layers``),
 pass) and ``+layerwise`` (``--scan-layers --layerwise``: per-layer updates).
 Low-rank optimizers use the paper's rank for the size; ``adamsnsm`` the SVD
 projector, ``adamsnsm_random`` the seeded random one.
+
+Every row is set beside AdamW's row with the same suffixes (measured too when
+not asked for). "temporaries over adamw" is what the optimizer's temporaries
+add to AdamW's; "budget" is the peak a memory-lean optimizer may reach:
+AdamW's peak minus the state it saves, plus 5% of AdamW's peak. ``--buffers
+K`` lists, under each table, the ``K`` largest buffers live at each row's
+peak, with their HLO op, shape, JAX operation and source line (from XLA's
+dump of the compiled step).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import math
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
 
-from benchmarks import cpu_devices
+from benchmarks import cpu_devices, hlo
 
 GIB = 2**30
+BUDGET_SLACK = 0.05  # of AdamW's peak
 PAPER_RANK = {'60m': 128, '130m': 256, '350m': 256, '1b': 512, '7b': 1024}
 PAPER_BATCH = 512  # sequences of 256 tokens (GaLore, SN-SM)
 # label -> (registry optimizer, TrainConfig overrides)
@@ -78,6 +90,7 @@ class Measurement:
   state_bytes_per_device: int
   state_bytes_total: int
   arguments_match_shards: bool
+  peak_buffers: list[hlo.Buffer] = dataclasses.field(default_factory=list)
 
 
 def shard_bytes(tree, shardings) -> int:
@@ -123,7 +136,33 @@ def config_for(size: str, label: str, mesh: str, batch: int, data: str):
   )
 
 
-def measure(cfg) -> Measurement:
+def adamw_counterpart(label: str) -> str:
+  """The AdamW label with the same suffixes: ``galore+remat`` -> ``adamw+remat``."""
+  _, plus, suffixes = label.partition('+')
+  return f'adamw{plus}{suffixes}'
+
+
+def budget_bytes(m: Measurement, adamw: Measurement) -> int:
+  """The most a memory-lean optimizer may peak at: AdamW's, less the state saved, plus slack."""
+  saved = adamw.state_bytes_per_device - m.state_bytes_per_device
+  return round(adamw.peak_bytes - saved + BUDGET_SLACK * adamw.peak_bytes)
+
+
+def newest_dump(dump_dir: str, seen: set[str]) -> tuple[str, str] | None:
+  """The live ranges and HLO of the step compiled last into ``dump_dir``."""
+  found = sorted(
+    set(glob.glob(os.path.join(dump_dir, 'module_*live-range.txt'))) - seen,
+    key=lambda path: int(re.search(r'module_(\d+)', path).group(1)),
+  )
+  if not found:
+    return None
+  seen.update(found)
+  live = found[-1]
+  with open(live) as f, open(live.replace('-live-range.txt', '.txt')) as g:
+    return f.read(), g.read()
+
+
+def measure(cfg, dump_dir: str | None = None, seen: set[str] | None = None) -> Measurement:
   import jax
 
   from examples.llama import run as run_lib
@@ -143,7 +182,9 @@ def measure(cfg) -> Measurement:
   )
   state = run.abstract_state
   held = shard_bytes(state, run.state_sharding) + 2 * shard_bytes(batch, run.batch_sharding)
+  dump = newest_dump(dump_dir, seen) if dump_dir else None
   return Measurement(
+    peak_buffers=hlo.peak_buffers(*dump) if dump else [],
     argument_bytes=stats.argument_size_in_bytes,
     output_bytes=stats.output_size_in_bytes,
     temp_bytes=stats.temp_size_in_bytes,
@@ -158,23 +199,48 @@ def measure(cfg) -> Measurement:
 
 def table(size: str, mesh: str, batch: int, rows: dict[str, Measurement]) -> str:
   gib = lambda n: f'{n / GIB:.3f}'
-  adamw = rows.get('adamw')
   lines = [
     f'**{size}**, mesh {mesh}, batch {batch} x 256 tokens ({batch // cpu_devices.count(mesh)} per '
     'device), float32 parameters, per device (GiB)',
     '',
     '| label | state / device | state total | share | arguments | outputs | temporaries | '
-    'aliases | peak | peak vs adamw | compile (s) | args = shards |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+    'aliases | peak | peak vs adamw | temporaries over adamw | budget | within | compile (s) | '
+    'args = shards |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for label, m in rows.items():
-    versus = f'{m.peak_bytes / adamw.peak_bytes:.0%}' if adamw else '—'
+    adamw = rows.get(adamw_counterpart(label))
+    versus = over = budget = within = '—'
+    if adamw is not None:
+      versus = f'{m.peak_bytes / adamw.peak_bytes:.0%}'
+      over = gib(m.temp_bytes - adamw.temp_bytes)
+      if adamw is not m:
+        budget = gib(budget_bytes(m, adamw))
+        within = 'yes' if m.peak_bytes <= budget_bytes(m, adamw) else '**no**'
     lines.append(
       f'| {label} | {gib(m.state_bytes_per_device)} | {gib(m.state_bytes_total)} | '
       f'{m.state_bytes_per_device / m.state_bytes_total:.3f} | {gib(m.argument_bytes)} | '
       f'{gib(m.output_bytes)} | {gib(m.temp_bytes)} | {gib(m.alias_bytes)} | '
-      f'{gib(m.peak_bytes)} | {versus} | {m.compile_s:.0f} | '
+      f'{gib(m.peak_bytes)} | {versus} | {over} | {budget} | {within} | {m.compile_s:.0f} | '
       f'{"yes" if m.arguments_match_shards else "NO"} |'
+    )
+  return '\n'.join(lines)
+
+
+def buffer_table(label: str, m: Measurement, count: int) -> str:
+  """The ``count`` largest buffers live at the peak of ``label``'s step."""
+  mib = lambda n: f'{n / 2**20:.1f}'
+  live = sum(b.size for b in m.peak_buffers)
+  lines = [
+    f'Largest buffers live at the peak of **{label}** ({live / GIB:.3f} GiB live in all, '
+    'arguments included), MiB:',
+    '',
+    '| MiB | buffer | HLO op | shape | JAX op | source |',
+    '|---|---|---|---|---|---|',
+  ]
+  for b in m.peak_buffers[:count]:
+    lines.append(
+      f'| {mib(b.size)} | `{b.name}` | {b.op} | `{b.shape}` | `{b.jax_op}` | {b.source} |'
     )
   return '\n'.join(lines)
 
@@ -188,7 +254,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--paper-batch', action='store_true', help="also the papers' batch")
   parser.add_argument('--json', default=None, help='write {model: {label: {...}}} here')
   parser.add_argument('--out', default=None, help='write the markdown tables here')
+  parser.add_argument(
+    '--buffers', type=int, default=0, help='list the K largest buffers live at each peak'
+  )
   args = parser.parse_args(argv)
+  dump_dir = tempfile.mkdtemp(prefix='train-memory-hlo-') if args.buffers else None
+  if dump_dir:  # XLA reads its flags when the backend starts
+    os.environ['XLA_FLAGS'] = (
+      f'{os.environ.get("XLA_FLAGS", "")} --xla_dump_to={dump_dir} '
+      '--xla_dump_hlo_module_re=jit_(train_step|step_fn)'
+    ).strip()
   cpu_devices.use(cpu_devices.count(args.mesh))  # before JAX starts
   from benchmarks import report
 
@@ -196,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
   labels = args.labels.split(',')
   if args.scan_layers:
     labels += [f'{label}+scan' for label in labels if '+scan' not in label]
+  # Each row is compared with AdamW's of the same suffixes, measured first.
+  counterparts = [adamw_counterpart(label) for label in labels]
+  labels = list(dict.fromkeys([c for c in counterparts if c not in labels] + labels))
+  seen: set[str] = set()
   batches = [devices] + ([max(PAPER_BATCH, devices)] if args.paper_batch else [])
   results, sections = {}, []
   with tempfile.TemporaryDirectory() as tmp:
@@ -208,13 +287,31 @@ def main(argv: list[str] | None = None) -> None:
       for batch in batches:
         rows = {}
         for label in labels:
-          rows[label] = measure(config_for(size, label, args.mesh, batch, data))
-          print(f'{size} batch {batch} {label}: {rows[label]}', file=sys.stderr, flush=True)
+          rows[label] = measure(config_for(size, label, args.mesh, batch, data), dump_dir, seen)
+          brief = dataclasses.replace(rows[label], peak_buffers=[])
+          print(f'{size} batch {batch} {label}: {brief}', file=sys.stderr, flush=True)
         key = size if batch == devices else f'{size}@batch{batch}'
-        results[key] = {label: dataclasses.asdict(m) for label, m in rows.items()}
+        results[key] = {
+          label: row_json(m, rows.get(adamw_counterpart(label))) for label, m in rows.items()
+        }
         sections.append(table(size, args.mesh, batch, rows))
-        print(sections[-1] + '\n', flush=True)
+        sections += [
+          buffer_table(label, m, args.buffers) for label, m in rows.items() if args.buffers
+        ]
+        print('\n\n'.join(sections[-1 - len(rows) * bool(args.buffers) :]) + '\n', flush=True)
+  if dump_dir:
+    shutil.rmtree(dump_dir, ignore_errors=True)
   report.save(sections, args.out, results, args.json)
+
+
+def row_json(m: Measurement, adamw: Measurement | None) -> dict:
+  """One row of ``--json``: the measurement, and its budget against AdamW's row."""
+  row = dataclasses.asdict(m)
+  row['peak_buffers'] = [dataclasses.asdict(b) for b in m.peak_buffers]
+  if adamw is not None and adamw is not m:
+    row['budget_bytes'] = budget_bytes(m, adamw)
+    row['temp_bytes_over_adamw'] = m.temp_bytes - adamw.temp_bytes
+  return row
 
 
 if __name__ == '__main__':

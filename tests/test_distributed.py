@@ -3,11 +3,12 @@
 The trainer runs as two processes of 4 fake CPU devices each (gloo
 collectives, a coordinator on a free localhost port) on the same
 ``data=2,fsdp=4`` mesh and global batch as one process of 8 devices. Losses
-and final parameters agree to float32 rounding (losses within 2.5e-7
-relative, parameters within 6e-7 absolute when measured): only the order of
-the cross-process sums differs. A two-process resume from a checkpoint whose
-newest step one process cannot read falls back, in agreement, to the step
-before and reproduces its own uninterrupted run bit-exactly.
+and final parameters agree to float32 rounding, as amplified by the SVD bases
+(losses within 2.5e-7 relative, parameters within 2.5e-6 absolute when
+measured): only the order of the cross-process sums differs. A two-process
+resume from a checkpoint whose newest step one process cannot read falls
+back, in agreement, to the step before and reproduces its own uninterrupted
+run bit-exactly.
 """
 
 from __future__ import annotations
@@ -99,9 +100,12 @@ def test_two_processes_match_one(options, cli_env, tmp_path):
   state_one, record_one = cli.restore(str(tmp_path / 'one'), options)
   state_two, record_two = cli.restore(str(tmp_path / 'two'), options)
   assert record_one['data_position'] == record_two['data_position'] == 6
-  # Measured: parameters at most 6e-7 apart; SVD bases amplify rounding to 1e-5.
-  chex.assert_trees_all_close(state_two.params, state_one.params, rtol=0, atol=2e-6)
+  # SVD bases amplify the rounding of the cross-process sums (measured: 3.2e-5
+  # apart, bound 1e-4). A basis that far apart moves each normalised update
+  # by about as much, so the parameters, after 6 steps of a learning rate of
+  # at most 1e-2, by at most 6 * 1e-2 * 1e-4 (measured: 2.5e-6).
   chex.assert_trees_all_close(state_two.opt_state, state_one.opt_state, rtol=0, atol=1e-4)
+  chex.assert_trees_all_close(state_two.params, state_one.params, rtol=0, atol=6e-6)
 
   # Process 1's shard of the newest step is cut short: both fall back to step 3.
   shard = max(

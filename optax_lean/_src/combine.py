@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lean._src import checks, dtypes
+from optax_lean._src import checks, dtypes, sharding
 from optax_lean._src import warn as warn_lib
 
 
@@ -52,8 +53,11 @@ def scale_by_ratio(
   Args:
     numerator: Any gradient transformation.
     denominator: A normalizing transformation whose ``update`` accepts a
-      keyword ``numerator`` (the tree it divides instead of the gradient), such
-      as ``scale_by_subset_norm``.
+      keyword ``numerator``, a function ``(gradient, divisors) ->
+      quotient`` called once the denominators are known
+      (``scale_by_subset_norm``). A numerator whose ``update`` takes
+      ``divisors`` (``scale_by_subspace_momentum``) divides by them itself,
+      matrix by matrix, as it forms its output.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -76,6 +80,7 @@ def scale_by_ratio(
     <https://arxiv.org/abs/2411.07120>`_, ICML 2025
   """
   numerator = optax.with_extra_args_support(numerator)
+  divides_as_it_goes = 'divisors' in inspect.signature(numerator.update).parameters
 
   def init_fn(params):
     with warn_lib.once():  # both parts see the same leaves
@@ -83,12 +88,29 @@ def scale_by_ratio(
 
   def update_fn(updates, state, params=None, **extra_args):
     updates = dtypes.as_arrays(updates)
-    top, numerator_state = numerator.update(updates, state.numerator, params, **extra_args)
+    numerator_states = []
+
+    def quotient(gradient, divisors):
+      # A numerator that takes the divisors divides as it goes (the subspace
+      # walks, matrix by matrix, in the gradient's own buffers); any other is
+      # divided leaf by leaf here.
+      if divides_as_it_goes:
+        top, numerator_state = numerator.update(
+          gradient, state.numerator, params, divisors=divisors, **extra_args
+        )
+      else:
+        top, numerator_state = numerator.update(gradient, state.numerator, params, **extra_args)
+        leaves, treedef = jax.tree.flatten(top)
+        quotients = [sharding.cast_like(d.divide(t), t) for t, d in zip(leaves, divisors)]
+        top = jax.tree.unflatten(treedef, quotients)
+      numerator_states.append(numerator_state)
+      return top
+
     ratio, denominator_state = denominator.update(
-      updates, state.denominator, params, numerator=top, **extra_args
+      updates, state.denominator, params, numerator=quotient, **extra_args
     )
     ratio = optax.tree.cast_like(ratio, updates)
-    return ratio, ScaleByRatioState(numerator_state, denominator_state)
+    return ratio, ScaleByRatioState(numerator_states[0], denominator_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

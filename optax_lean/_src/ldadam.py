@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, dtypes, leafwise
+from optax_lean._src import checks, dtypes, leafwise, walk
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.adam import adam_step, validate_adam
 from optax_lean._src.combine import chain_with_decay_before_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.subspace import plan_subspaces
+from optax_lean._src.subspace import SubspacePlan, plan_subspaces
 from optax_lean._src.subspace_adam import adam_states
 
 
@@ -53,6 +53,86 @@ def _ldadam_projector(projector: str | proj_lib.Projector) -> proj_lib.Projector
     return projector
   checks.one_of('projector', projector, ('power_iteration', 'svd'))
   return dataclasses.replace(proj_lib.get_projector(projector), square_side='out')
+
+
+def ldadam_matrix_step(
+  g_a: jax.Array,
+  m_a: jax.Array,
+  v_a: jax.Array,
+  old: jax.Array,
+  error_a: jax.Array | None,
+  plan: SubspacePlan,
+  keys: jax.Array,
+  count: jax.Array,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  rho: jax.typing.ArrayLike,
+  error_feedback: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """One matrix's LDAdam step (``scale_by_ldadam``'s recurrences), at 0-based ``count``.
+
+  Args:
+    g_a: The gradient in the rows view ``(…, size, c)``.
+    m_a: First moment ``(…, r, c)``.
+    v_a: Second moment ``(…, r, c)``.
+    old: The previous projector state (all zeros before the first step).
+    error_a: The error-feedback buffer in the rows view, or ``None``.
+    plan: The leaf's subspace plan (its projector and rank).
+    keys: The PRNG keys of the refresh (``SubspacePlan.keys``).
+    count: The 0-based step.
+    b1: First-moment decay.
+    b2: Second-moment decay.
+    eps: Adam's offset (torch flavour).
+    rho: Weight of the momentum in the tracked matrix.
+    error_feedback: Whether to return the new error buffer.
+
+  Returns:
+    ``(update, m, v, projector_state, error)`` in the compute dtype (the
+    projector state as stored; ``error`` ``None`` without feedback).
+  """
+  dtype = dtypes.compute_dtype(g_a.dtype, m_a.dtype, v_a.dtype)
+  a_a = g_a.astype(dtype)
+  if error_a is not None:
+    a_a = a_a + error_a.astype(dtype)
+  m_a, v_a = m_a.astype(dtype), v_a.astype(dtype)
+  k = count.astype(dtype)
+  b1_, b2_, rho_ = (jnp.asarray(x, dtype) for x in (b1, b2, rho))
+  # At k = 0 the moments are zero; unit corrections keep the maths finite.
+  correction1 = jnp.where(count > 0, 1 - b1_**k, 1)
+  correction2 = jnp.where(count > 0, 1 - b2_**k, 1)
+  old_basis = plan.basis(old, a_a, dtype)
+
+  def first(_):
+    return plan.refresh(a_a, old, keys)
+
+  def later(_):
+    momentum = proj_lib.back_project(m_a / correction1, old_basis, a_a, dtype)
+    return plan.refresh(rho_ * momentum + (1 - rho_) * a_a, old, keys)
+
+  new = jax.lax.cond(count == 0, first, later, None)
+  basis = plan.basis(new, a_a, dtype)
+  projected = proj_lib.project(a_a, basis, dtype)
+  change = proj_lib.change_of_basis(basis, old_basis, dtype)
+  m_rotated = proj_lib.rotate(change, m_a, like=projected)
+  variance = v_a / correction2 - jnp.square(m_a / correction1)
+  v_rotated = correction2 * jnp.abs(
+    proj_lib.rotate(jnp.square(change), variance, like=projected)
+    + jnp.square(m_rotated / correction1)
+  )
+  direction, new_m, new_v = adam_step(
+    projected, m_rotated, v_rotated, optax.safe_increment(count), b1, b2, eps, 'torch'
+  )
+  update = proj_lib.back_project(direction, basis, a_a, dtype)
+  if not error_feedback:
+    return update, new_m, new_v, new, None
+  # What projecting lost of the gradient, and of the momentum when it moved
+  # to the new basis; fed back into the next step's gradient.
+  lost = a_a - proj_lib.back_project(projected, basis, a_a, dtype)
+  moved = proj_lib.back_project(m_a, old_basis, a_a, dtype) - proj_lib.back_project(
+    m_rotated, basis, a_a, dtype
+  )
+  return update, new_m, new_v, new, lost + b1_ / (1 - b1_) * moved
 
 
 def scale_by_ldadam(
@@ -181,63 +261,56 @@ def scale_by_ldadam(
       error=unflatten(errors) if error_feedback else None,
     )
 
-  def update_matrix(g, mu, nu, old, error, plan, leaf_index, count):
-    dtype = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype)
-    a_a = plan.rows(g).astype(dtype)
-    if error is not None:
-      a_a = a_a + plan.rows(error).astype(dtype)
-    m_a, v_a = plan.lowrank_rows(mu).astype(dtype), plan.lowrank_rows(nu).astype(dtype)
-    k = count.astype(dtype)
-    b1_, b2_, rho_ = (jnp.asarray(x, dtype) for x in (b1, b2, rho))
-    # At k = 0 the moments are zero; unit corrections keep the maths finite.
-    correction1 = jnp.where(count > 0, 1 - b1_**k, 1)
-    correction2 = jnp.where(count > 0, 1 - b2_**k, 1)
-    old_basis = plan.basis(old, a_a, dtype)
+  def update_leaf(g, mu, nu, old, error, plan, leaf_index, count):
+    """A selected leaf's update and states, one matrix at a time (``ldadam_matrix_step``)."""
+    config = (b1, b2, eps, rho, error is not None)
 
-    def first(_):
-      return plan.refresh(a_a, old, seed, leaf_index, count)
-
-    def later(_):
-      momentum = proj_lib.back_project(m_a / correction1, old_basis, a_a, dtype)
-      return plan.refresh(rho_ * momentum + (1 - rho_) * a_a, old, seed, leaf_index, count)
-
-    new = jax.lax.cond(count == 0, first, later, None)
-    basis = plan.basis(new, a_a, dtype)
-    projected = proj_lib.project(a_a, basis, dtype)
-    change = proj_lib.change_of_basis(basis, old_basis, dtype)
-    m_rotated = proj_lib.rotate(change, m_a, like=projected)
-    variance = v_a / correction2 - jnp.square(m_a / correction1)
-    v_rotated = correction2 * jnp.abs(
-      proj_lib.rotate(jnp.square(change), variance, like=projected)
-      + jnp.square(m_rotated / correction1)
-    )
-    direction, new_m, new_v = adam_step(
-      projected, m_rotated, v_rotated, optax.safe_increment(count), b1, b2, eps, 'torch'
-    )
-    update = plan.unrows(proj_lib.back_project(direction, basis, a_a, dtype))
-    if error is not None:
-      # What projecting lost of the gradient, and of the momentum when it moved
-      # to the new basis; fed back into the next step's gradient.
-      lost = a_a - proj_lib.back_project(projected, basis, a_a, dtype)
-      moved = proj_lib.back_project(m_a, old_basis, a_a, dtype) - proj_lib.back_project(
-        m_rotated, basis, a_a, dtype
+    def matrix(g_m, mu_m, nu_m, old_m, error_m, keys_m):
+      results = ldadam_matrix_step(
+        plan.matrix_rows(g_m),
+        plan.matrix_rows(mu_m),
+        plan.matrix_rows(nu_m),
+        old_m,
+        None if error_m is None else plan.matrix_rows(error_m),
+        plan,
+        keys_m,
+        count,
+        *config,
       )
-      error = plan.unrows(lost + b1_ / (1 - b1_) * moved)
-    return update, plan.lowrank_rows(new_m), plan.lowrank_rows(new_v), new, error
+      update, new_m, new_v, new, new_error = results
+      rows = lambda x, like: None if x is None else plan.matrix_rows(x.astype(like.dtype))
+      return (
+        plan.matrix_rows(update),
+        rows(new_m, mu_m),
+        rows(new_v, nu_m),
+        new,
+        None if error_m is None else rows(new_error, error_m),
+      )
+
+    in_place = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype) == g.dtype
+    into = {1: 1, 2: 2, 3: 3} | ({0: 0} if in_place else {}) | ({4: 4} if error is not None else {})
+    operands = (plan.layout.to_matrix(g), mu, nu, old, error, plan.keys(seed, leaf_index, count))
+    if error is not None:
+      operands = (*operands[:4], plan.layout.to_matrix(error), operands[5])
+    update, mu, nu, new, error = walk.map_matrices(
+      matrix, plan.layout.batch_shape, operands, into=into
+    )
+    error = None if error is None else plan.layout.from_matrix(error)
+    return plan.layout.from_matrix(update), mu, nu, new, error
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
 
-    def update_leaf(index, g, mu, nu, proj_state, error, plan):
+    def update_leaf_or_plain(index, g, mu, nu, proj_state, error, plan):
       if plan is None:
         return (*adam_step(g, mu, nu, count_inc, b1, b2, eps, 'torch'), None, None)
-      return update_matrix(g, mu, nu, proj_state, error, plan, index, state.count)
+      return update_leaf(g, mu, nu, proj_state, error, plan, index, state.count)
 
     fields = (state.mu, state.nu, state.projector, state.error)
     outputs, (mu, nu, projector_state, error) = leafwise.map_leaves(
-      update_leaf, updates, fields, plans(updates)
+      update_leaf_or_plain, updates, fields, plans(updates)
     )
     return outputs, ScaleByLDAdamState(
       count=count_inc, mu=mu, nu=nu, projector=projector_state, error=error

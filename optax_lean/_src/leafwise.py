@@ -24,6 +24,7 @@ def map_leaves(
   plans: Sequence[Any],
   *,
   outputs_like: optax.Updates | None = None,
+  cast_outputs: bool = True,
 ) -> tuple[optax.Updates, tuple[Any, ...]]:
   """Runs ``update_leaf`` on every leaf of ``updates`` and rebuilds the trees.
 
@@ -38,6 +39,8 @@ def map_leaves(
     plans: One static plan per leaf (``None`` where there is none).
     outputs_like: The tree whose leaves the outputs are stored like; default
       ``updates``.
+    cast_outputs: Whether outputs are stored like ``outputs_like``; without,
+      they are returned as computed.
 
   Returns:
     ``(outputs, new_fields)``: the outputs in the dtype and sharding of
@@ -53,7 +56,9 @@ def map_leaves(
   outputs, new_columns = [], [[] for _ in fields]
   for index, (g, like, plan, *olds) in enumerate(zip(leaves, likes, plans, *columns)):
     output, *news = update_leaf(index, g, *olds, plan)
-    outputs.append(None if output is None else sharding.cast_like(output, like))
+    if output is not None and cast_outputs:
+      output = sharding.cast_like(output, like)
+    outputs.append(output)
     for column, old, new in zip(new_columns, olds, news):
       column.append(None if old is None or new is None else sharding.cast_like(new, old))
   unflatten = lambda xs: jax.tree.unflatten(treedef, xs)

@@ -14,13 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lean._src import checks, dtypes, leafwise, sharding
+from optax_lean._src import checks, dtypes, sharding
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.adam import validate_adam
 from optax_lean._src.combine import chain_with_decay_after_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.subspace import SubspacePlan, plan_subspaces
-from optax_lean._src.subspace_adam import ScaleBySubspaceAdamState, scale_by_subspace_adam
+from optax_lean._src.subspace_adam import ScaleBySubspaceAdamState, subspace_adam
 
 
 class ScaleByOnlineSubspaceDescentState(NamedTuple):
@@ -188,7 +187,7 @@ def scale_by_online_subspace_descent(
   checks.non_negative('projector_weight_decay', projector_weight_decay)
   checks.non_negative('orthogonality_penalty', orthogonality_penalty)
   projector = proj_lib.SVDProjector()
-  engine = scale_by_subspace_adam(
+  engine = subspace_adam(
     b1,
     b2,
     eps,
@@ -212,9 +211,10 @@ def scale_by_online_subspace_descent(
   bases_optimizer = projector_adamw(
     projector_learning_rate, projector_b1, projector_b2, projector_eps, projector_weight_decay
   )
-
-  def plans(tree) -> list[SubspacePlan | None]:  # the engine's, which has refused complex leaves
-    return plan_subspaces(tree, projector, rank, mask, dimension_numbers)
+  # The bases' AdamW runs on float32 copies (float64 ones for float64
+  # bases), as every moment of the library: half-precision moments lose too
+  # much, and eps = 1e-8 is zero in float16.
+  working = lambda x: x.astype(dtypes.compute_dtype(x.dtype)) if _is_float(x) else x
 
   def init_fn(params):
     subspace_adam = engine.init(dtypes.as_arrays(params))
@@ -222,28 +222,27 @@ def scale_by_online_subspace_descent(
       subspace_adam, bases_optimizer.init(subspace_adam.projector)
     )
 
-  def pca_gradient(index, g, basis, plan):
-    del index
-    if plan is None:
-      return None, None
-    dtype = dtypes.compute_dtype(g.dtype, basis.dtype)
-    g_a = plan.rows(g).astype(dtype)
-    return pca_loss_gradient(plan.basis(basis, g_a, dtype), g_a, orthogonality_penalty), None
+  def pca_gradient(g_a, basis, stored):
+    """The online-PCA gradient of one matrix's basis, read before the walk overwrites ``G``."""
+    del basis  # the basis in the gradient's dtype; the loss takes the working one
+    stored = working(stored)
+    dtype = dtypes.compute_dtype(g_a.dtype, stored.dtype)
+    g_a = g_a.astype(dtype)
+    basis = sharding.reshard(stored.astype(dtype), (*sharding.spec_of(g_a)[:-1], None))
+    return pca_loss_gradient(basis, g_a, orthogonality_penalty)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    updates = dtypes.as_arrays(updates)
-    leaf_plans = plans(updates)
-    outputs, subspace_adam = engine.update(updates, state.subspace_adam)
-    if all(plan is None for plan in leaf_plans):  # no basis (the tree may be a bare leaf)
+    outputs, subspace_adam, observed = engine.update(
+      updates, state.subspace_adam, observe=pca_gradient
+    )
+    if all(seen is None for seen in observed):  # no basis (the tree may be a bare leaf)
       return outputs, state._replace(subspace_adam=subspace_adam)
-    # The bases' AdamW runs on float32 copies (float64 ones for float64
-    # bases), as every moment of the library: half-precision moments lose
-    # too much, and eps = 1e-8 is zero in float16.
-    working = lambda x: x.astype(dtypes.compute_dtype(x.dtype)) if _is_float(x) else x
     bases = jax.tree.map(working, subspace_adam.projector)
-    gradients, _ = leafwise.map_leaves(
-      pca_gradient, updates, (bases,), leaf_plans, outputs_like=bases
+    leaves, treedef = jax.tree.flatten(bases)
+    seen = [g for g in observed if g is not None]
+    gradients = jax.tree.unflatten(
+      treedef, [sharding.reshard_like(g, b) for g, b in zip(seen, leaves)]
     )
     with jax.numpy_dtype_promotion('standard'):  # optax's Adam raises decays to int counts
       steps, adamw_state = bases_optimizer.update(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import jax
@@ -55,9 +54,35 @@ def canonicalize_signs(basis: jax.Array) -> jax.Array:
   return basis * jnp.where(pivot < 0, -1, 1).astype(basis.dtype)
 
 
+def per_key(draw, keys: jax.Array) -> jax.Array:
+  """``draw(key)`` for each key of an array of keys, stacked in the keys' shape."""
+  if not keys.ndim:
+    return draw(keys)
+  drawn = jax.vmap(draw)(keys.reshape(-1))
+  return drawn.reshape(keys.shape + drawn.shape[1:])
+
+
 def orthonormal_columns(y: jax.Array) -> jax.Array:
   """The ``Q`` of the thin QR of each matrix of ``y``, on the devices holding it."""
   return sharding.per_matrix(lambda y: jnp.linalg.qr(y)[0], y)
+
+
+def left_singular_vectors(x: jax.Array) -> jax.Array:
+  """``U`` of the thin SVD of each matrix of ``x`` (``(…, m, n)``), without ``V``.
+
+  A wide matrix (``m < n``) goes through the ``R`` of the QR factorisation
+  of its adjoint, :math:`x^H = Q R`, so :math:`x = R^H Q^H` and the left
+  singular vectors of ``x`` are those of the ``m x m`` matrix :math:`R^H`.
+  Each device decomposes the matrices it holds whole (``sharding.per_matrix``).
+  """
+
+  def decompose(x):
+    m, n = x.shape[-2:]
+    if m < n:
+      x = dtypes.adjoint(jnp.linalg.qr(dtypes.adjoint(x), mode='r'))
+    return jnp.linalg.svd(x, full_matrices=False)[0]
+
+  return sharding.per_matrix(decompose, x)
 
 
 def to_projected_rows(x: jax.Array, axis: int) -> jax.Array:
@@ -154,6 +179,7 @@ class Projector(abc.ABC):
   name: ClassVar[str]
   reads_gradient: ClassVar[bool] = True
   splits_state: ClassVar[bool] = True  # the state may be split over spare mesh axes
+  basis_is_drawn: ClassVar[bool] = False  # ``basis`` decomposes a drawn matrix at every use
   side: str = dataclasses.field(default='smaller', kw_only=True)
   square_side: str = dataclasses.field(default='in', kw_only=True)
 
@@ -189,11 +215,16 @@ class Projector(abc.ABC):
     """Sharding of the stored state, given those of the batch and the axis."""
 
   @abc.abstractmethod
-  def compute(self, g_a: jax.Array, rank: int, key: jax.Array) -> jax.Array:
-    """A fresh state from a gathered ``G_a`` of shape (…, size, c), in its compute dtype."""
+  def compute(self, g_a: jax.Array, rank: int, keys: jax.Array) -> jax.Array:
+    """A fresh state from a gathered ``G_a`` of shape (…, size, c), in its compute dtype.
+
+    ``keys`` holds one PRNG key per matrix (the shape of ``G_a``'s batch), so
+    that each matrix draws the same numbers whether it is refreshed alone or
+    in a stack.
+    """
 
   def compute_from(
-    self, g_a: jax.Array, previous: jax.Array, rank: int, key: jax.Array
+    self, g_a: jax.Array, previous: jax.Array, rank: int, keys: jax.Array
   ) -> jax.Array:
     """A new state from ``G_a`` and the ``previous`` state (as stored).
 
@@ -201,7 +232,7 @@ class Projector(abc.ABC):
     override this; the others start afresh with ``compute``.
     """
     del previous
-    return self.compute(g_a, rank, key)
+    return self.compute(g_a, rank, keys)
 
   @abc.abstractmethod
   def basis(
@@ -214,7 +245,7 @@ class Projector(abc.ABC):
     g_a: jax.Array,
     state: jax.Array,
     rank: int,
-    key: jax.Array,
+    keys: jax.Array,
   ) -> jax.Array:
     """Recomputes the state from ``G_a``, keeping ``state`` where that fails.
 
@@ -230,7 +261,7 @@ class Projector(abc.ABC):
     """
     dtype = dtypes.compute_dtype(g_a.dtype)
     g_a = sharding.spread_over_batch(g_a, matrix_axes=2).astype(dtype)
-    fresh = self.compute_from(g_a, state, rank, key)
+    fresh = self.compute_from(g_a, state, rank, keys)
     if self.reads_gradient:
       shape = (*g_a.shape[:-1], rank)
       basis = self.basis(fresh, shape, dtype)
@@ -268,6 +299,13 @@ class SVDProjector(_DenseProjector):
   (``square_side='out'`` gives square matrices a "left" one, as LDAdam).
   Signs are canonicalised: each basis vector's largest entry is positive.
 
+  Only the singular vectors of the projected axis are formed. For a wide
+  ``G_a`` (``size < c``) they are those of the small triangle :math:`R^H` of
+  the QR factorisation :math:`G_a^H = Q R` (LAPACK's own route for such
+  shapes), whose ``Q`` is never formed: the workspace is the gathered matrix
+  alone, where a full SVD also writes a copy of it and the ``size x c``
+  right factor.
+
   Attributes:
     side: The axis the basis spans (see ``Projector``); default ``'smaller'``.
     square_side: The axis of a square matrix; default ``'in'``.
@@ -282,10 +320,9 @@ class SVDProjector(_DenseProjector):
 
   name: ClassVar[str] = 'svd'
 
-  def compute(self, g_a, rank, key):
-    del key
-    u, _, _ = jnp.linalg.svd(g_a, full_matrices=False)
-    return canonicalize_signs(u[..., :rank])
+  def compute(self, g_a, rank, keys):
+    del keys
+    return canonicalize_signs(left_singular_vectors(g_a)[..., :rank])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +351,7 @@ class PowerIterationProjector(SVDProjector):
 
   name: ClassVar[str] = 'power_iteration'
 
-  def compute_from(self, g_a, previous, rank, key):
+  def compute_from(self, g_a, previous, rank, keys):
     spec = sharding.spec_of(g_a)
     previous = sharding.reshard(previous, (*spec[:-2], None, None)).astype(g_a.dtype)
 
@@ -322,7 +359,7 @@ class PowerIterationProjector(SVDProjector):
       sketch = dtypes.adjoint(g_a) @ previous
       return canonicalize_signs(orthonormal_columns(g_a @ sketch))
 
-    return jax.lax.cond(jnp.any(previous != 0), iterate, lambda: self.compute(g_a, rank, key))
+    return jax.lax.cond(jnp.any(previous != 0), iterate, lambda: self.compute(g_a, rank, keys))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,23 +397,18 @@ class RandomizedSVDProjector(_DenseProjector):
   oversample: int = 0
   power_iterations: int = 0
 
-  def compute(self, g_a, rank, key):
+  def compute(self, g_a, rank, keys):
     size, cols = g_a.shape[-2:]
     width = min(rank + self.oversample, size, cols)
-    batch_spec = sharding.spec_of(g_a)[:-2]
-    omega = jax.random.normal(
-      key,
-      (*g_a.shape[:-2], cols, width),
-      g_a.dtype,
-      out_sharding=sharding.named_like(g_a, (*batch_spec, None, None)),
-    )
+    omega = per_key(lambda key: jax.random.normal(key, (cols, width), g_a.dtype), keys)
+    omega = sharding.reshard(omega, (*sharding.spec_of(g_a)[:-2], None, None))
     q = g_a @ omega
     for _ in range(self.power_iterations):
       q = orthonormal_columns(q)
       q = g_a @ (dtypes.adjoint(g_a) @ q)
     q = orthonormal_columns(q)
     if width > rank:
-      small, _, _ = jnp.linalg.svd(dtypes.adjoint(q) @ g_a, full_matrices=False)
+      small = left_singular_vectors(dtypes.adjoint(q) @ g_a)
       q = q @ small[..., :rank]
     return canonicalize_signs(q[..., :rank])
 
@@ -407,6 +439,7 @@ class RandomProjector(Projector):
   name: ClassVar[str] = 'random'
   reads_gradient: ClassVar[bool] = False
   splits_state: ClassVar[bool] = False  # PRNG key data stays whole
+  basis_is_drawn: ClassVar[bool] = True
 
   def state_shape(self, batch_shape, size, rank):
     del size, rank
@@ -416,23 +449,16 @@ class RandomProjector(Projector):
     del axis_spec
     return (*batch_spec, None)
 
-  def compute(self, g_a, rank, key):
-    del rank
-    batch = g_a.shape[:-2]
-    if batch:  # one key per matrix of a stack, so each layer can be updated alone
-      key = jax.random.split(key, math.prod(batch)).reshape(batch)
-    return jax.random.key_data(key)
+  def compute(self, g_a, rank, keys):
+    del g_a, rank
+    return jax.random.key_data(keys)
 
   def basis(self, state, shape, dtype):
     # Each device draws and orthonormalises the bases of its own part of a stack.
     state = sharding.spread_over_batch(state, matrix_axes=1)
-    keys = jax.random.wrap_key_data(state)
     real = dtypes.real_dtype(dtypes.compute_dtype(dtype))
-    if keys.ndim:
-      draw = lambda key: jax.random.normal(key, shape[-2:], real)
-      gaussian = jax.vmap(draw)(keys.reshape(-1)).reshape(shape)
-    else:
-      gaussian = jax.random.normal(keys, shape, real)
+    draw = lambda key: jax.random.normal(key, shape[-2:], real)
+    gaussian = per_key(draw, jax.random.wrap_key_data(state))
     return canonicalize_signs(orthonormal_columns(gaussian)).astype(dtype)
 
 
@@ -486,12 +512,9 @@ class UniformProjector(_CoordinateProjector):
   name: ClassVar[str] = 'uniform'
   reads_gradient: ClassVar[bool] = False
 
-  def compute(self, g_a, rank, key):
-    scores = jax.random.uniform(
-      key,
-      g_a.shape[:-1],
-      out_sharding=sharding.named_like(g_a, sharding.spec_of(g_a)[:-1]),
-    )
+  def compute(self, g_a, rank, keys):
+    scores = per_key(lambda key: jax.random.uniform(key, g_a.shape[-2:-1]), keys)
+    scores = sharding.reshard(scores, sharding.spec_of(g_a)[:-1])
     return jax.lax.top_k(scores, rank)[1].astype(jnp.int32)
 
 
@@ -519,8 +542,8 @@ class TopKProjector(_CoordinateProjector):
 
   name: ClassVar[str] = 'topk'
 
-  def compute(self, g_a, rank, key):
-    del key
+  def compute(self, g_a, rank, keys):
+    del keys
     norms = jnp.sum(dtypes.abs_sq(g_a), axis=-1)
     return jax.lax.top_k(norms, rank)[1].astype(jnp.int32)
 

@@ -96,23 +96,52 @@ def with_spare_axes(
   return tuple(spec)
 
 
+def mesh_of(x: Any) -> jax.sharding.AbstractMesh | Mesh | None:
+  """The mesh ``x`` is laid out on, if any is known where it is traced.
+
+  ``x``'s own mesh under an Explicit mesh; else the context mesh
+  (``jax.set_mesh``, ``jax.sharding.use_abstract_mesh``); else, inside
+  ``jax.jit``, the mesh of the arguments ``x`` derives from (a traced value's
+  type names the mesh of its inputs' shardings under Auto axes too, though
+  not how they split it); else ``None``.
+  """
+  explicit = explicit_sharding(x)
+  if explicit is not None:
+    return explicit.mesh
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty:
+    return context
+  if isinstance(x, jax.core.Tracer):
+    traced = getattr(jax.typeof(x), 'sharding', None)
+    mesh = getattr(traced, 'mesh', None)
+    if mesh is not None and not mesh.empty:
+      return mesh
+  return None
+
+
+def device_count(x: Any) -> int:
+  """How many devices the mesh of ``x`` (``mesh_of``) has; 1 without a mesh."""
+  mesh = mesh_of(x)
+  return 1 if mesh is None else math.prod(mesh.shape.values())
+
+
 def spread_over_batch(x: jax.Array, matrix_axes: int) -> jax.Array:
   """``x`` with its trailing ``matrix_axes`` whole and the mesh's axes on its batch axes.
 
-  The layout in which a batched decomposition (SVD, QR) of a sharded stack of
+  The layout in which a batched decomposition (SVD, QR) of a stack of
   matrices is shared out: the matrix axes are gathered, and each axis of the
   mesh that the batch axes do not use yet goes to the first batch axis whose
   length it divides (with the ones already there), so that each device
   decomposes whole matrices of its own part of the stack and XLA partitions
-  the decomposition along the batch. The mesh is ``x``'s under an Explicit
-  mesh (a reshard), else the context mesh of ``jax.set_mesh`` (a sharding
-  constraint). Without a batch axis, or where no mesh axis divides it, each
-  device decomposes every matrix, as before.
+  the decomposition along the batch. The mesh is ``mesh_of(x)``: a reshard
+  under an Explicit mesh, a sharding constraint otherwise. Without a batch
+  axis, or where no mesh axis divides it, each device decomposes every
+  matrix.
   """
   explicit = explicit_sharding(x)
-  mesh = explicit.mesh if explicit is not None else jax.sharding.get_abstract_mesh()
+  mesh = mesh_of(x)
   batch = jnp.ndim(x) - matrix_axes
-  if explicit is None and (mesh.empty or batch <= 0 or not isinstance(x, jax.core.Tracer)):
+  if explicit is None and (mesh is None or batch <= 0 or not isinstance(x, jax.core.Tracer)):
     return x
   entries = [list(mesh_axes(entry)) for entry in spec_of(x)[:batch]]
   used = {name for entry in entries for name in entry}
@@ -134,7 +163,35 @@ def spread_over_batch(x: jax.Array, matrix_axes: int) -> jax.Array:
     return reshard(x, spec)
   if all(entry is None for entry in spec):
     return x
-  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def off_batch(x: jax.Array, batch_axes: int) -> jax.Array:
+  """``x`` with its leading ``batch_axes`` unsharded, their mesh axes moved to the others.
+
+  A walk over the matrices of a stack slices it along its batch axes, which
+  an Explicit mesh allows only when they are whole. Each mesh axis on a batch
+  axis moves to the first other axis it divides (an all-to-all, so each
+  device still holds ``1 / N`` of ``x``), or is dropped where none does.
+  Under Auto meshes (no sharding in the types) ``x`` is returned as is.
+  """
+  if explicit_sharding(x) is None:
+    return x
+  spec = list(spec_of(x))
+  moving = [name for entry in spec[:batch_axes] for name in mesh_axes(entry)]
+  if not moving:
+    return x
+  spec[:batch_axes] = [None] * batch_axes
+  like_mesh = explicit_sharding(x).mesh
+  for name in moving:
+    for axis in range(batch_axes, len(spec)):
+      entry = mesh_axes(spec[axis])
+      shards = math.prod(like_mesh.shape[n] for n in (*entry, name))
+      if jnp.shape(x)[axis] % shards == 0:
+        joined = (*entry, name)
+        spec[axis] = joined[0] if len(joined) == 1 else joined
+        break
+  return reshard(x, tuple(spec))
 
 
 def per_matrix(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:

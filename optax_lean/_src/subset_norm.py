@@ -157,6 +157,50 @@ class SubsetRule:
     return layout.from_matrix(jnp.swapaxes(torch_order, -1, -2))
 
 
+@dataclasses.dataclass(frozen=True)
+class Divisor:
+  """One leaf's subset-norm denominators, and the division by them.
+
+  What ``scale_by_subset_norm`` hands a numerator function (see its
+  ``numerator``), so that the numerator can divide as it goes, one matrix at
+  a time.
+
+  Attributes:
+    denominator: The leaf's denominators, shaped like its state (its batch
+      axes first), in their compute dtype.
+    rule: The leaf's subsets.
+    layout: The leaf's matrix view (``None``: one subset per entry).
+  """
+
+  denominator: jax.Array
+  rule: SubsetRule
+  layout: MatrixLayout | None
+
+  def divide(
+    self,
+    numerator: jax.Array,
+    denominator: jax.Array | None = None,
+    layout: MatrixLayout | None = None,
+  ) -> jax.Array:
+    """``numerator / denominator``, in their common compute dtype.
+
+    The whole leaf by default; or, with one matrix's slice of the
+    ``denominator``, that matrix in the canonical view ``(in, out)``
+    (``matrix_layout``).
+    """
+    denominator = self.denominator if denominator is None else denominator
+    dtype = dtypes.compute_dtype(numerator.dtype, denominator.dtype)
+    layout = self.layout if layout is None else layout
+    if layout is not None:  # the numerator's layout on the kept axis, for broadcasting
+      denominator = sharding.reshard(denominator, self.rule.compute_spec(layout, numerator))
+    return self.rule.divide(numerator.astype(dtype), denominator.astype(dtype), layout)
+
+  @property
+  def matrix_layout(self) -> MatrixLayout:
+    """The layout of one matrix of the leaf's canonical view, ``(in, out)``."""
+    return MatrixLayout((self.layout.in_size, self.layout.out_size), (), (0,), (1,))
+
+
 def _validate_subset_size(subset_size: SubsetSize) -> None:
   if isinstance(subset_size, (jax.Array, np.ndarray, np.generic)):
     raise checks.static_error('subset_size', "'heuristic' or a non-zero int", ('subset_size',))
@@ -213,9 +257,12 @@ def scale_by_subset_norm(
   RMSprop's) ordinary second moment.
 
   Used alone this is RMSprop-SN (``b2 < 1``) or AdaGrad-SN (``b2 = 1``). Its
-  ``update`` also takes a keyword ``numerator``, a tree to divide instead of
-  the gradient, which ``scale_by_ratio`` uses to put a momentum over the same
-  denominator (AdamSN, AdamSNSM).
+  ``update`` also takes a keyword ``numerator``: a tree to divide instead of
+  the gradient, or a function ``(gradient, divisors) -> quotient`` that
+  divides its own numerator by each leaf's ``Divisor`` (the denominators,
+  computed first). ``scale_by_ratio`` uses it to put a momentum over the
+  same denominator (AdamSN, AdamSNSM), dividing matrix by matrix as the
+  momentum is formed.
 
   Args:
     b2: Decay of the second moment, in ``[0, 1]``; ``1`` accumulates.
@@ -283,9 +330,9 @@ def scale_by_subset_norm(
     del params, extra_args
     updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
-    numerators = updates if numerator is None else numerator
+    rules = leaf_rules(updates)
 
-    def update_leaf(index, g, nu, num, layout_rule):
+    def second_moment(index, g, nu, layout_rule):
       del index
       layout, rule = layout_rule
       dtype = dtypes.compute_dtype(g.dtype, nu.dtype)
@@ -298,17 +345,23 @@ def scale_by_subset_norm(
       denominator = jnp.sqrt(new_nu) + jnp.asarray(eps, real)
       if bias_correction:
         denominator = denominator / jnp.sqrt(1 - decay ** count_inc.astype(real))
-      numerator_dtype = dtypes.compute_dtype(num.dtype, dtype)
-      out = rule.divide(num.astype(numerator_dtype), denominator.astype(numerator_dtype), layout)
-      return out, new_nu, None  # the numerators are only read
+      return denominator, new_nu
 
-    outputs, (nu, _) = leafwise.map_leaves(
-      update_leaf,
-      updates,
-      (state.nu, numerators),
-      leaf_rules(updates),
-      outputs_like=numerators,
+    denominators, (nu,) = leafwise.map_leaves(
+      second_moment, updates, (state.nu,), rules, cast_outputs=False
     )
-    return outputs, ScaleBySubsetNormState(count=count_inc, nu=nu)
+    new_state = ScaleBySubsetNormState(count=count_inc, nu=nu)
+    divisors = [
+      Divisor(d, rule, layout) for d, (layout, rule) in zip(jax.tree.leaves(denominators), rules)
+    ]
+    if callable(numerator):
+      return numerator(updates, divisors), new_state
+    numerators = updates if numerator is None else numerator
+
+    def divide(index, num, divisor):
+      return divisors[index].divide(num), None  # the denominators are only read
+
+    outputs, _ = leafwise.map_leaves(divide, numerators, (), divisors)
+    return outputs, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -13,11 +13,13 @@ axes), the dense basis, and a keyed refresh.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
-from optax_lean._src import dtypes, sharding
+from optax_lean._src import dtypes, sharding, walk
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src import warn as warn_lib
 from optax_lean._src.dimension_numbers import (
@@ -57,10 +59,6 @@ class SubspacePlan:
   def size(self) -> int:
     """Length of the projected axis."""
     return self.layout.matrix_shape[self.axis]
-
-  @property
-  def basis_shape(self) -> tuple[int, ...]:
-    return (*self.layout.batch_shape, self.size, self.rank)
 
   def lowrank_shape(self) -> tuple[int, ...]:
     """The ``(…, in, out)`` view with the projected axis shrunk to the rank."""
@@ -107,40 +105,70 @@ class SubspacePlan:
 
   def rows(self, g: jax.Array) -> jax.Array:
     """The leaf ``g`` as ``G_a``: ``(…, size, c)`` with the projected axis first."""
-    return proj_lib.to_projected_rows(self.layout.to_matrix(g), self.axis)
+    return self.matrix_rows(self.layout.to_matrix(g))
 
   def unrows(self, g_a: jax.Array) -> jax.Array:
     """The inverse of ``rows``: back to the leaf's own shape."""
-    return self.layout.from_matrix(proj_lib.to_projected_rows(g_a, self.axis))
+    return self.layout.from_matrix(self.matrix_rows(g_a))
 
-  def lowrank_rows(self, x: jax.Array) -> jax.Array:
-    """A low-rank state in (or back from) the projected-rows view ``(…, r, c)``."""
+  def matrix_rows(self, x: jax.Array) -> jax.Array:
+    """A matrix view ``(…, in, out)`` (or a low-rank state) in (or back from) the rows view.
+
+    The projected axis moves to the rows: ``(…, size, c)``, or ``(…, r, c)``
+    for a low-rank state. Its own inverse.
+    """
     return proj_lib.to_projected_rows(x, self.axis)
 
+  lowrank_rows = matrix_rows
+
   def basis(self, state: jax.Array, like_a: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
-    """The dense basis ``(…, size, r)``, sharded like the rows of ``like_a``."""
+    """The dense basis ``(…, size, r)`` of ``like_a``'s matrices, sharded like their rows.
+
+    ``like_a`` is in the rows view ``(…, size, c)``: the whole leaf, or one
+    matrix of a stack with ``state`` its slice.
+    """
     spec = sharding.spec_of(like_a)
-    basis = self.projector.basis(state, self.basis_shape, dtype)
+    basis = self.projector.basis(state, (*like_a.shape[:-2], self.size, self.rank), dtype)
     return sharding.reshard(basis, (*spec[:-2], spec[-2], None))
 
-  def refresh(
-    self,
-    g_a: jax.Array,
-    state: jax.Array,
-    seed: int,
-    leaf_index: int,
-    count: jax.Array,
-    layer: jax.Array | None = None,
-  ) -> jax.Array:
-    """The projector's new state from ``G_a``, with a key unique to leaf and step.
+  def drawn_bases(self, dtype: jax.typing.DTypeLike, states: int):
+    """For ``walk.map_matrices``' ``per_round``: the bases of a round, if they are drawn.
 
-    ``layer``, the index of a stack's layer updated alone (``update_layer``),
-    is folded in too, so that the layers of a stack draw different numbers.
+    A projector whose basis is a decomposition of a drawn matrix (``'random'``)
+    draws the bases of a round of matrices together, one per device; ``None``
+    for the others, whose bases are read from their states. The walk's first
+    operand is the leaf's matrices and operand ``states`` their projector
+    states.
+    """
+    if not self.projector.basis_is_drawn:
+      return None
+
+    def bases(*operands):
+      return (self.basis(operands[states], self.matrix_rows(operands[0]), dtype),)
+
+    return bases
+
+  def keys(
+    self, seed: int, leaf_index: int, count: jax.Array, layer: jax.Array | None = None
+  ) -> jax.Array:
+    """One PRNG key per matrix of the leaf (the shape of its batch), unique to leaf and step.
+
+    The key of a stack's matrix folds in its (row-major) position in the
+    stack, so a layer updated alone (``update_layer``, whose index is
+    ``layer``) draws what it draws in the stack.
     """
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf_index), count)
-    if layer is not None:
-      key = jax.random.fold_in(key, layer)
-    return self.projector.refresh(g_a, state, self.rank, key)
+    batch = self.layout.batch_shape
+    count_in_slice = math.prod(batch)
+    first = 0 if layer is None else layer * count_in_slice
+    if not batch:
+      return key if layer is None else jax.random.fold_in(key, first)
+    positions = first + jnp.arange(count_in_slice)
+    return jax.vmap(lambda p: jax.random.fold_in(key, p))(positions).reshape(batch)
+
+  def refresh(self, g_a: jax.Array, state: jax.Array, keys: jax.Array) -> jax.Array:
+    """The projector's new state from ``G_a`` (one key per matrix, see ``keys``)."""
+    return self.projector.refresh(g_a, state, self.rank, keys)
 
 
 def plan_subspaces(
@@ -179,6 +207,61 @@ def plan_subspaces(
       )
     plans.append(plan)
   return plans
+
+
+def refresh_projectors(
+  gradients: list[jax.Array],
+  states: list[jax.Array | None],
+  plans: list[SubspacePlan | None],
+  seed: int,
+  count: jax.Array,
+  layer: jax.Array | None = None,
+) -> list[jax.Array | None]:
+  """Every leaf's new projector state, the decompositions shared out in rounds.
+
+  Projectors that read the gradient refresh through ``walk.refresh_in_rounds``:
+  the selected matrices of the tree, one per device at a time, so that one
+  round's gathered matrices and workspace are live at once. The others (keys,
+  random coordinates) draw their states for a whole leaf at once. Each matrix
+  draws from its own key (``SubspacePlan.keys``, of ``seed``, the leaf's
+  position, ``count`` and, for one layer of a stack, ``layer``).
+
+  Args:
+    gradients: The gradient leaves (or whatever each projector reads).
+    states: Their projector states (``None`` where there is no subspace).
+    plans: Their plans.
+    seed: The optimizer's seed.
+    count: The step folded into the keys.
+    layer: The index of a stack's layer updated alone (``update_layer``).
+
+  Returns:
+    The new states, in the layouts of the old ones.
+  """
+  new_states = list(states)
+  items, positions = [], []
+  devices = max([sharding.device_count(g) for g in gradients] + [1])
+  for index, (g, state, plan) in enumerate(zip(gradients, states, plans)):
+    if plan is None:
+      continue
+    keys = plan.keys(seed, index, count, layer)
+    g_a = plan.rows(g)
+    if not plan.projector.reads_gradient:
+      new_states[index] = plan.refresh(g_a, state, keys)
+      continue
+    batch = len(plan.layout.batch_shape)
+    group = (
+      plan.projector,
+      plan.rank,
+      g_a.shape[batch:],
+      g_a.dtype,
+      state.shape[batch:],
+      state.dtype,
+    )
+    items.append(walk.RefreshItem(g_a, state, keys, plan.refresh, group))
+    positions.append(index)
+  for index, new in zip(positions, walk.refresh_in_rounds(items, devices)):
+    new_states[index] = new
+  return new_states
 
 
 def refresh_due(count: jax.Array, update_proj_gap: int, *, offset: int = 0) -> jax.Array:

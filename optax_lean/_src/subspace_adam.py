@@ -11,18 +11,25 @@ and what the moments do at a refresh.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, dtypes, leafwise
+from optax_lean._src import checks, dtypes, leafwise, sharding, walk
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.adam import Flavour, adam_step, validate_adam
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.subspace import plan_subspaces, refresh_due
+from optax_lean._src.subspace import (
+  SubspacePlan,
+  plan_subspaces,
+  refresh_due,
+  refresh_projectors,
+)
 
 
 class ScaleBySubspaceAdamState(NamedTuple):
@@ -71,6 +78,203 @@ def adam_states(
   return mus, nus, projs
 
 
+def adam_matrix_step(
+  g_a: jax.Array,
+  mu_a: jax.Array,
+  nu_a: jax.Array,
+  basis: jax.Array,
+  count_inc: jax.Array,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  flavour: Flavour,
+  scale: jax.typing.ArrayLike,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""One matrix's subspace-Adam step.
+
+  .. math::
+    R = B^\top G_a, \qquad (d, m, v) = \mathrm{Adam}(R, m, v), \qquad
+    u = \alpha B d.
+
+  Args:
+    g_a: The gradient in the rows view ``(…, size, c)``.
+    mu_a: First moment ``(…, r, c)``, in its storage dtype.
+    nu_a: Second moment, shaped like ``mu_a``.
+    basis: The basis ``(…, size, r)``, in the gradient's dtype.
+    count_inc: The 1-based step of Adam's bias corrections.
+    b1: First-moment decay.
+    b2: Second-moment decay.
+    eps: Adam's offset.
+    flavour: ``'hf'`` or ``'torch'`` (``adam.adam_step``).
+    scale: :math:`\alpha`.
+
+  Returns:
+    ``(u, m, v)`` in the compute dtype.
+  """
+  dtype = dtypes.compute_dtype(g_a.dtype, mu_a.dtype, nu_a.dtype)
+  projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
+  direction, mu_a, nu_a = adam_step(projected, mu_a, nu_a, count_inc, b1, b2, eps, flavour)
+  full = proj_lib.back_project(direction.astype(g_a.dtype), basis, g_a, dtype)
+  return jnp.asarray(scale, dtype) * full, mu_a, nu_a
+
+
+# A per-matrix reading of the gradient taken during the walk, before the
+# gradient's buffer takes the update: ``(g_a, basis, projector_state) -> array``.
+Observe = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspaceAdam:
+  """The subspace-Adam engine: its configuration, ``init`` and ``update``.
+
+  ``scale_by_subspace_adam`` wraps it as an optax transformation; a method
+  that reads more of each matrix (Online Subspace Descent's online PCA)
+  calls ``update`` with an ``observe`` function.
+  """
+
+  b1: jax.typing.ArrayLike
+  b2: jax.typing.ArrayLike
+  eps: jax.typing.ArrayLike
+  rank: int
+  update_proj_gap: int | None
+  scale: jax.typing.ArrayLike
+  projector: proj_lib.Projector
+  flavour: Flavour = 'hf'
+  moments_on_refresh: Literal['keep', 'reset'] = 'keep'
+  mask: MaskOrFn | None = None
+  dimension_numbers: DimensionNumbersOrFn | None = None
+  mu_dtype: jax.typing.DTypeLike | None = None
+  nu_dtype: jax.typing.DTypeLike | None = None
+  projector_dtype: jax.typing.DTypeLike | None = None
+  seed: int = 0
+  real_only: str | None = None
+
+  def plans(self, tree: Any, warn: bool = False) -> list[SubspacePlan | None]:
+    return plan_subspaces(
+      tree,
+      self.projector,
+      self.rank,
+      self.mask,
+      self.dimension_numbers,
+      warn=warn,
+      real_only=self.real_only,
+    )
+
+  def refreshes(self, count: jax.Array) -> jax.Array:
+    """Whether the projectors refresh at the step with 0-based ``count``."""
+    if self.update_proj_gap is None:
+      return count == 0
+    return refresh_due(count, self.update_proj_gap)
+
+  def init(self, params: optax.Params) -> ScaleBySubspaceAdamState:
+    params = dtypes.as_arrays(params)
+    states = adam_states(
+      params, self.plans(params, warn=True), self.mu_dtype, self.nu_dtype, self.projector_dtype
+    )
+    treedef = jax.tree.structure(params)
+    return ScaleBySubspaceAdamState(
+      jnp.zeros([], jnp.int32), *(jax.tree.unflatten(treedef, xs) for xs in states)
+    )
+
+  def update(
+    self,
+    updates: optax.Updates,
+    state: ScaleBySubspaceAdamState,
+    *,
+    layer: jax.Array | None = None,
+    observe: Observe | None = None,
+  ) -> tuple[optax.Updates, ScaleBySubspaceAdamState, list[jax.Array | None]]:
+    """The updates, the new state, and per leaf what ``observe`` read of it (or ``None``).
+
+    The projectors of the whole tree refresh in one ``jax.lax.cond``; then
+    each selected leaf is walked matrix by matrix, its update overwriting
+    its gradient where the dtypes allow.
+    """
+    updates = dtypes.as_arrays(updates)
+    count, count_inc = state.count, optax.safe_increment(state.count)
+    restart = self.moments_on_refresh == 'reset'
+    leaf_plans = self.plans(updates)
+    leaves, treedef = jax.tree.flatten(updates)
+    flat = lambda tree: treedef.flatten_up_to(tree)
+    mus, nus, projs = flat(state.mu), flat(state.nu), flat(state.projector)
+    selected = [plan is not None for plan in leaf_plans]
+    pick = lambda xs: [x if chosen else None for x, chosen in zip(xs, selected)]
+
+    def refresh(operands):
+      mus, nus, projs = operands
+      projs = refresh_projectors(leaves, projs, leaf_plans, self.seed, count_inc, layer)
+      if restart:
+        mus, nus = (jax.tree.map(jnp.zeros_like, xs) for xs in (mus, nus))
+      return mus, nus, projs
+
+    new_mus, new_nus, projs = jax.lax.cond(
+      self.refreshes(count), refresh, lambda operands: operands, (pick(mus), pick(nus), projs)
+    )
+    mus = [new if chosen else old for new, old, chosen in zip(new_mus, mus, selected)]
+    nus = [new if chosen else old for new, old, chosen in zip(new_nus, nus, selected)]
+    # A fresh Adam per subspace counts its steps from the last refresh.
+    adam_count = count % self.update_proj_gap + 1 if restart else count_inc
+    observed = [None] * len(leaves)
+
+    def update_leaf(index, g, mu, nu, proj_state, plan):
+      if plan is None:
+        return (*adam_step(g, mu, nu, count_inc, self.b1, self.b2, self.eps, self.flavour), None)
+
+      def matrix(g_m, mu_m, nu_m, state_m, basis=None):
+        g_a = plan.matrix_rows(g_m)
+        if basis is None:
+          basis = plan.basis(state_m, g_a, g.dtype)
+        config = (self.b1, self.b2, self.eps, self.flavour, self.scale)
+        update, mu_a, nu_a = adam_matrix_step(
+          g_a, plan.matrix_rows(mu_m), plan.matrix_rows(nu_m), basis, adam_count, *config
+        )
+        outputs = (
+          plan.matrix_rows(update),
+          plan.matrix_rows(mu_a.astype(mu.dtype)),
+          plan.matrix_rows(nu_a.astype(nu.dtype)),
+        )
+        return outputs if observe is None else (*outputs, observe(g_a, basis, state_m))
+
+      in_place = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype) == g.dtype
+      update, mu, nu, *seen = walk.map_matrices(
+        matrix,
+        plan.layout.batch_shape,
+        (plan.layout.to_matrix(g), mu, nu, proj_state),
+        into={0: 0, 1: 1, 2: 2} if in_place else {1: 1, 2: 2},
+        per_round=plan.drawn_bases(g.dtype, states=3),
+        devices=sharding.device_count(g),
+      )
+      if seen:
+        observed[index] = seen[0]
+      return plan.layout.from_matrix(update), mu, nu, proj_state
+
+    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    outputs, fields = leafwise.map_leaves(
+      update_leaf, updates, tuple(map(unflatten, (mus, nus, projs))), leaf_plans
+    )
+    return outputs, ScaleBySubspaceAdamState(count_inc, *fields), observed
+
+
+def subspace_adam(
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  rank: int,
+  update_proj_gap: int | None,
+  scale: jax.typing.ArrayLike,
+  projector: proj_lib.Projector,
+  **options: Any,
+) -> SubspaceAdam:
+  """The engine of ``scale_by_subspace_adam`` (same arguments), validated."""
+  checks.positive_int('rank', rank)
+  moments_on_refresh = options.get('moments_on_refresh', 'keep')
+  checks.one_of('moments_on_refresh', moments_on_refresh, ('keep', 'reset'))
+  if update_proj_gap is not None or moments_on_refresh == 'reset':
+    checks.positive_count('update_proj_gap', update_proj_gap)
+  validate_adam(b1, b2, eps)
+  return SubspaceAdam(b1, b2, eps, rank, update_proj_gap, scale, projector, **options)
+
+
 def scale_by_subspace_adam(
   b1: jax.typing.ArrayLike,
   b2: jax.typing.ArrayLike,
@@ -94,9 +298,11 @@ def scale_by_subspace_adam(
 
   The shared engine of ``scale_by_galore``, ``scale_by_random_subspace`` and
   ``scale_by_online_subspace_descent``: for a selected leaf, the projector is
-  refreshed (under ``jax.lax.cond`` on the scalar count) at 0-based steps
-  ``0, T, 2T, ...`` (only step 0 when ``update_proj_gap`` is ``None``), Adam
-  runs on :math:`R = B^\\top G`, and the direction is ``scale * B d``.
+  refreshed (under one ``jax.lax.cond`` on the scalar count, for the whole
+  tree) at 0-based steps ``0, T, 2T, ...`` (only step 0 when
+  ``update_proj_gap`` is ``None``), Adam runs on :math:`R = B^\top G`
+  (``adam_matrix_step``, one matrix at a time), and the direction is
+  ``scale * B d``.
 
   Args:
     b1: First-moment decay.
@@ -125,68 +331,28 @@ def scale_by_subspace_adam(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  checks.positive_int('rank', rank)
-  checks.one_of('moments_on_refresh', moments_on_refresh, ('keep', 'reset'))
-  restart = moments_on_refresh == 'reset'
-  if update_proj_gap is not None or restart:
-    checks.positive_count('update_proj_gap', update_proj_gap)
-  validate_adam(b1, b2, eps)
-
-  def plans(tree, warn=False):
-    return plan_subspaces(
-      tree, projector, rank, mask, dimension_numbers, warn=warn, real_only=real_only
-    )
-
-  def refreshes(count):
-    if update_proj_gap is None:
-      return count == 0
-    return refresh_due(count, update_proj_gap)
-
-  def init_fn(params):
-    params = dtypes.as_arrays(params)
-    states = adam_states(params, plans(params, warn=True), mu_dtype, nu_dtype, projector_dtype)
-    treedef = jax.tree.structure(params)
-    return ScaleBySubspaceAdamState(
-      jnp.zeros([], jnp.int32), *(jax.tree.unflatten(treedef, xs) for xs in states)
-    )
-
-  def update_matrix(g, mu, nu, proj_state, plan, leaf_index, count, layer):
-    dtype = dtypes.compute_dtype(g.dtype, mu.dtype, nu.dtype)
-    count_inc = optax.safe_increment(count)
-    g_a = plan.rows(g)
-
-    def on_refresh(operands):
-      moments, old = operands
-      if restart:
-        moments = jax.tree.map(jnp.zeros_like, moments)
-      return moments, plan.refresh(g_a, old, seed, leaf_index, count_inc, layer)
-
-    moments = (plan.lowrank_rows(mu), plan.lowrank_rows(nu))
-    (mu_a, nu_a), proj_state = jax.lax.cond(
-      refreshes(count), on_refresh, lambda operands: operands, (moments, proj_state)
-    )
-    basis = plan.basis(proj_state, g_a, g.dtype)
-    projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
-    # A fresh Adam per subspace counts its steps from the last refresh.
-    adam_count = count % update_proj_gap + 1 if restart else count_inc
-    direction, mu_a, nu_a = adam_step(projected, mu_a, nu_a, adam_count, b1, b2, eps, flavour)
-    full = proj_lib.back_project(direction.astype(g.dtype), basis, g_a, dtype)
-    update = jnp.asarray(scale, dtype) * plan.unrows(full)
-    return update, plan.lowrank_rows(mu_a), plan.lowrank_rows(nu_a), proj_state
+  engine = subspace_adam(
+    b1,
+    b2,
+    eps,
+    rank,
+    update_proj_gap,
+    scale,
+    projector,
+    flavour=flavour,
+    moments_on_refresh=moments_on_refresh,
+    mask=mask,
+    dimension_numbers=dimension_numbers,
+    mu_dtype=mu_dtype,
+    nu_dtype=nu_dtype,
+    projector_dtype=projector_dtype,
+    seed=seed,
+    real_only=real_only,
+  )
 
   def update_fn(updates, state, params=None, *, layer=None, **extra_args):
     del params, extra_args
-    updates = dtypes.as_arrays(updates)
-    count_inc = optax.safe_increment(state.count)
+    outputs, state, _ = engine.update(updates, state, layer=layer)
+    return outputs, state
 
-    def update_leaf(index, g, mu, nu, proj_state, plan):
-      if plan is None:
-        return (*adam_step(g, mu, nu, count_inc, b1, b2, eps, flavour), None)
-      return update_matrix(g, mu, nu, proj_state, plan, index, state.count, layer)
-
-    outputs, fields = leafwise.map_leaves(
-      update_leaf, updates, (state.mu, state.nu, state.projector), plans(updates)
-    )
-    return outputs, ScaleBySubspaceAdamState(count_inc, *fields)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(engine.init, update_fn)

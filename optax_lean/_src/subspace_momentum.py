@@ -15,10 +15,16 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from optax_lean._src import checks, dtypes, leafwise
+from optax_lean._src import checks, dtypes, leafwise, sharding, walk
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
-from optax_lean._src.subspace import OnRefresh, plan_subspaces, refresh_due
+from optax_lean._src.subspace import (
+  OnRefresh,
+  SubspacePlan,
+  plan_subspaces,
+  refresh_due,
+  refresh_projectors,
+)
 
 
 class ScaleBySubspaceMomentumState(NamedTuple):
@@ -36,6 +42,65 @@ class ScaleBySubspaceMomentumState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
   projector: optax.Updates
+
+
+def momentum_step(
+  g_a: jax.Array,
+  mu_a: jax.Array,
+  basis: jax.Array,
+  b1: jax.typing.ArrayLike,
+  reset: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  r"""One matrix's subspace-momentum step.
+
+  .. math::
+    R = B^\top G_a, \qquad m \leftarrow \beta_1 m + (1 - \beta_1) R,
+    \qquad N = G_a + B (m - R),
+
+  the momentum inside the subspace and the gradient outside it.
+
+  Args:
+    g_a: The gradient in the rows view ``(…, size, c)``.
+    mu_a: The momentum ``(…, r, c)``, in its storage dtype.
+    basis: The basis ``(…, size, r)``, in the gradient's dtype.
+    b1: Momentum decay.
+    reset: Whether the stored momentum is zeroed after this step (the
+      official code's refresh quirk).
+
+  Returns:
+    ``(N, m)``: the numerator and the new momentum (zero where ``reset``), in
+    the compute dtype.
+  """
+  dtype = dtypes.compute_dtype(g_a.dtype, mu_a.dtype)
+  projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
+  decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
+  momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
+  numerator = g_a.astype(dtype) + proj_lib.back_project(
+    (momentum - projected).astype(g_a.dtype), basis, g_a, dtype
+  )
+  return numerator, jnp.where(reset, jnp.zeros_like(momentum), momentum)
+
+
+def rotate_momentum(
+  plan: SubspacePlan, g: jax.Array, mu: jax.Array, old: jax.Array, new: jax.Array
+) -> jax.Array:
+  r"""A leaf's low-rank momentum carried from the ``old`` basis to the ``new`` one.
+
+  :math:`m \leftarrow B_{new}^\top B_{old} m`, one matrix at a time; ``g``
+  only lends its shape and layout to the bases.
+  """
+
+  def matrix(g_m, mu_m, old_m, new_m):
+    g_a, mu_a = plan.matrix_rows(g_m), plan.matrix_rows(mu_m)
+    dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
+    rotation = proj_lib.change_of_basis(
+      plan.basis(new_m, g_a, dtype), plan.basis(old_m, g_a, dtype), dtype
+    )
+    rotated = proj_lib.rotate(rotation, mu_a.astype(dtype), like=mu_a)
+    return (plan.matrix_rows(rotated.astype(mu.dtype)),)
+
+  operands = (plan.layout.to_matrix(g), mu, old, new)
+  return walk.map_matrices(matrix, plan.layout.batch_shape, operands, into={0: 1})[0]
 
 
 def scale_by_subspace_momentum(
@@ -153,62 +218,98 @@ def scale_by_subspace_momentum(
       projector=jax.tree.unflatten(treedef, projs),
     )
 
-  def update_matrix(g, mu, proj_state, plan, leaf_index, count_inc, layer):
-    dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
-    g_a = plan.rows(g)
-    mu_a = plan.lowrank_rows(mu)
+  def refresh(gradients, mus, projs, leaf_plans, count_inc, layer):
+    """New bases for every leaf (one round-robin walk) and the momenta they imply."""
+    new_projs = refresh_projectors(gradients, projs, leaf_plans, seed, count_inc, layer)
+    if momentum_on_refresh == 'reset':
+      mus = [mu if plan is None else jnp.zeros_like(mu) for mu, plan in zip(mus, leaf_plans)]
+    elif momentum_on_refresh == 'rotate':
+      mus = [
+        mu if plan is None else rotate_momentum(plan, g, mu, old, new)
+        for g, mu, old, new, plan in zip(gradients, mus, projs, new_projs, leaf_plans)
+      ]
+    return mus, new_projs
 
-    def on_refresh(operands):
-      mu_a, old = operands
-      new = plan.refresh(g_a, old, seed, leaf_index, count_inc, layer)
-      if momentum_on_refresh == 'reset':
-        mu_a = jnp.zeros_like(mu_a)
-      elif momentum_on_refresh == 'rotate':
-        rotation = proj_lib.change_of_basis(
-          plan.basis(new, g_a, dtype), plan.basis(old, g_a, dtype), dtype
-        )
-        mu_a = proj_lib.rotate(rotation, mu_a.astype(dtype), like=mu_a).astype(mu_a.dtype)
-      return mu_a, new
+  def finish(numerator, count_inc, dtype, divisor, *matrix):
+    """The numerator with its bias correction, divided by ``divisor`` if one is given.
 
-    mu_a, proj_state = jax.lax.cond(
-      refresh_due(count_inc - 1, update_proj_gap, offset=1),
-      on_refresh,
-      lambda operands: operands,
-      (mu_a, proj_state),
+    As stored between the two transformations of ``scale_by_ratio``: cast to
+    the gradient's ``dtype`` before the division. ``matrix`` (one matrix's
+    denominators and layout) divides one matrix of a walk.
+    """
+    if bias_correction:
+      real = dtypes.real_dtype(numerator.dtype)
+      numerator = otu.bias_correction(numerator, jnp.asarray(b1, real), count_inc.astype(real))
+    if divisor is None:
+      return numerator
+    return divisor.divide(dtypes.store(numerator, dtype), *matrix)
+
+  def update_leaf(g, mu, proj_state, plan, count_inc, divisor):
+    """A selected leaf's output and momentum, one matrix at a time.
+
+    With a ``divisor`` whose matrices are the plan's, each matrix is divided
+    as it is formed, and the quotient overwrites the gradient.
+    """
+    reset = (count_inc > 1) & (count_inc % update_proj_gap == 0)
+    if momentum_on_refresh != 'official':
+      reset = jnp.zeros([], bool)
+    fused = divisor is not None and divisor.layout == plan.layout
+
+    def matrix(g_m, mu_m, state_m, den_m, basis=None):
+      g_a, mu_a = plan.matrix_rows(g_m), plan.matrix_rows(mu_m)
+      if basis is None:
+        basis = plan.basis(state_m, g_a, g.dtype)
+      numerator, momentum = momentum_step(g_a, mu_a, basis, b1, reset)
+      numerator = plan.matrix_rows(numerator)
+      if fused:
+        numerator = finish(numerator, count_inc, g.dtype, divisor, den_m, divisor.matrix_layout)
+      return numerator, plan.matrix_rows(momentum.astype(mu.dtype))
+
+    # The output overwrites the gradient when it is stored in the gradient's
+    # dtype (a quotient always is), and the momentum its old value.
+    in_place = fused or dtypes.compute_dtype(g.dtype, mu.dtype) == g.dtype
+    output, mu = walk.map_matrices(
+      matrix,
+      plan.layout.batch_shape,
+      (plan.layout.to_matrix(g), mu, proj_state, divisor.denominator if fused else None),
+      into={0: 0, 1: 1} if in_place else {1: 1},
+      per_round=plan.drawn_bases(g.dtype, states=2),
+      devices=sharding.device_count(g),
     )
-    basis = plan.basis(proj_state, g_a, g.dtype)
-    projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
-    decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
-    momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
-    numerator = g_a.astype(dtype) + proj_lib.back_project(
-      (momentum - projected).astype(g.dtype), basis, g_a, dtype
-    )
-    if momentum_on_refresh == 'official':
-      reset = (count_inc > 1) & (count_inc % update_proj_gap == 0)
-      momentum = jnp.where(reset, jnp.zeros_like(momentum), momentum)
-    return plan.unrows(numerator), plan.lowrank_rows(momentum), proj_state
+    output = plan.layout.from_matrix(output)
+    return output if fused else finish(output, count_inc, g.dtype, divisor), mu
 
-  def update_fn(updates, state, params=None, *, layer=None, **extra_args):
+  def update_fn(updates, state, params=None, *, layer=None, divisors=None, **extra_args):
     del params, extra_args
     updates = dtypes.as_arrays(updates)
     count_inc = optax.safe_increment(state.count)
+    leaf_plans = plans(updates)
+    leaves, treedef = jax.tree.flatten(updates)
+    mus, projs = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.projector)
+    # One refresh of the whole tree: the selected leaves' momenta and bases.
+    selected = [plan is not None for plan in leaf_plans]
+    pick = lambda xs: [x if chosen else None for x, chosen in zip(xs, selected)]
+    refreshed_mus, projs = jax.lax.cond(
+      refresh_due(count_inc - 1, update_proj_gap, offset=1),
+      lambda operands: refresh(leaves, *operands, leaf_plans, count_inc, layer),
+      lambda operands: operands,
+      (pick(mus), projs),
+    )
+    mus = [new if chosen else old for new, old, chosen in zip(refreshed_mus, mus, selected)]
+    divisors = [None] * len(leaves) if divisors is None else divisors
 
-    def update_leaf(index, g, mu, proj_state, plan):
-      if plan is None:
-        dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
-        decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
-        numerator = new_mu = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
-      else:
-        numerator, new_mu, proj_state = update_matrix(
-          g, mu, proj_state, plan, index, count_inc, layer
-        )
-      if bias_correction:
-        real = dtypes.real_dtype(numerator.dtype)
-        numerator = otu.bias_correction(numerator, jnp.asarray(b1, real), count_inc.astype(real))
-      return numerator, new_mu, proj_state
+    def update_leaf_or_plain(index, g, mu, proj_state, plan):
+      if plan is not None:
+        output, new_mu = update_leaf(g, mu, proj_state, plan, count_inc, divisors[index])
+        return output, new_mu, proj_state
+      dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
+      decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
+      new_mu = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
+      return finish(new_mu, count_inc, g.dtype, divisors[index]), new_mu, proj_state
 
+    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     outputs, (mu, projector_state) = leafwise.map_leaves(
-      update_leaf, updates, (state.mu, state.projector), plans(updates)
+      update_leaf_or_plain, updates, (unflatten(mus), unflatten(projs)), leaf_plans
     )
     return outputs, ScaleBySubspaceMomentumState(count=count_inc, mu=mu, projector=projector_state)
 
