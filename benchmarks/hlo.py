@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # source paths shown from here
 DTYPE_BYTES = {'f16': 2, 'bf16': 2, 'f32': 4, 'f64': 8, 'c64': 8, 'c128': 16, 's32': 4, 'u32': 4}
 COLLECTIVES = ('all-gather', 'all-to-all', 'reduce-scatter', 'all-reduce', 'collective-permute')
 # custom-call target fragment -> flops of one real (m, n) matrix.
@@ -33,6 +35,7 @@ _BRANCHES = re.compile(
   r'(?:branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+), '
   r'false_computation=%?([\w.\-]+))'
 )
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CALLED = re.compile(r'(?:calls|body|to_apply)=%?([\w.\-]+)')
 
 
@@ -104,8 +107,11 @@ def decomposition_work(text: str) -> Work:
         )
         total.add(min((work_of(b) for b in names), key=lambda w: w.flops))
         continue
+      trips = _TRIP_COUNT.search(line) if ' while(' in line else None
       for called in _CALLED.findall(line):
-        total.add(work_of(called))
+        work = work_of(called)
+        for _ in range(int(trips.group(1)) if trips else 1):  # a loop's body, each trip
+          total.add(work)
     return total
 
   return work_of(entry)
@@ -178,19 +184,13 @@ def _stack_frames(text: str) -> dict[int, str]:
   for key, entry in tables.get('FileLocations', {}).items():
     f = fields(entry)
     path = files.get(int(f['file_name_id']), '?')
-    for marker in ('site-packages/', f'{_repo_root()}/'):
+    for marker in ('site-packages/', f'{ROOT}/'):
       path = path.split(marker, 1)[-1]
     locations[key] = f'{path}:{f["line"]} ({functions.get(int(f["function_name_id"]), "?")})'
   return {
     key: locations.get(int(fields(entry)['file_location_id']), '?')
     for key, entry in tables.get('StackFrames', {}).items()
   }
-
-
-def _repo_root() -> str:
-  import os
-
-  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def peak_buffers(live_range_text: str, hlo_text: str) -> list[Buffer]:
@@ -232,3 +232,30 @@ def peak_buffers(live_range_text: str, hlo_text: str) -> list[Buffer]:
       source = frames.get(int(frame.group(1)), '') if frame else ''
     buffers.append(Buffer(f'{name}{{{index}}}' if index else name, size, op, shape, jax_op, source))
   return sorted(buffers, key=lambda b: -b.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferGroup:
+  """The buffers live at a peak that one source line makes with one HLO op."""
+
+  count: int
+  size: int  # bytes on one device, all of them
+  largest: Buffer
+
+
+def group_buffers(buffers: list[Buffer]) -> list[BufferGroup]:
+  """``buffers`` grouped by HLO op, JAX op and source line, largest total first.
+
+  A step holds many buffers of one kind (every layer's gathered weight), so
+  the groups say what the peak is made of where single buffers tie.
+  """
+  groups: dict[tuple[str, str, str], list[Buffer]] = {}
+  for buffer in buffers:
+    groups.setdefault((buffer.op, buffer.jax_op, buffer.source), []).append(buffer)
+  return sorted(
+    (
+      BufferGroup(len(members), sum(b.size for b in members), max(members, key=lambda b: b.size))
+      for members in groups.values()
+    ),
+    key=lambda g: -g.size,
+  )

@@ -27,9 +27,10 @@ Every row is set beside AdamW's row with the same suffixes (measured too when
 not asked for). "temporaries over adamw" is what the optimizer's temporaries
 add to AdamW's; "budget" is the peak a memory-lean optimizer may reach:
 AdamW's peak minus the state it saves, plus 5% of AdamW's peak. ``--buffers
-K`` lists, under each table, the ``K`` largest buffers live at each row's
-peak, with their HLO op, shape, JAX operation and source line (from XLA's
-dump of the compiled step).
+K`` lists, under each table, what is live at each row's peak: the ``K``
+largest groups of buffers made by one HLO op at one source line, with their
+count, total, shape and JAX operation (from XLA's dump of the compiled
+step).
 """
 
 from __future__ import annotations
@@ -228,19 +229,21 @@ def table(size: str, mesh: str, batch: int, rows: dict[str, Measurement]) -> str
 
 
 def buffer_table(label: str, m: Measurement, count: int) -> str:
-  """The ``count`` largest buffers live at the peak of ``label``'s step."""
+  """The ``count`` largest groups of buffers live at the peak of ``label``'s step."""
   mib = lambda n: f'{n / 2**20:.1f}'
   live = sum(b.size for b in m.peak_buffers)
   lines = [
-    f'Largest buffers live at the peak of **{label}** ({live / GIB:.3f} GiB live in all, '
-    'arguments included), MiB:',
+    f'Buffers live at the peak of **{label}** ({live / GIB:.3f} GiB live in all, arguments '
+    f'included), the {count} largest groups by HLO op and source line, MiB:',
     '',
-    '| MiB | buffer | HLO op | shape | JAX op | source |',
-    '|---|---|---|---|---|---|',
+    '| MiB in all | buffers | largest | HLO op | its shape | JAX op | source |',
+    '|---|---|---|---|---|---|---|',
   ]
-  for b in m.peak_buffers[:count]:
+  for g in hlo.group_buffers(m.peak_buffers)[:count]:
+    b = g.largest
     lines.append(
-      f'| {mib(b.size)} | `{b.name}` | {b.op} | `{b.shape}` | `{b.jax_op}` | {b.source} |'
+      f'| {mib(g.size)} | {g.count} | {mib(b.size)} | {b.op} | `{b.shape}` | `{b.jax_op}` | '
+      f'{b.source} |'
     )
   return '\n'.join(lines)
 
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--json', default=None, help='write {model: {label: {...}}} here')
   parser.add_argument('--out', default=None, help='write the markdown tables here')
   parser.add_argument(
-    '--buffers', type=int, default=0, help='list the K largest buffers live at each peak'
+    '--buffers', type=int, default=0, help='list the K largest groups of buffers live at each peak'
   )
   args = parser.parse_args(argv)
   dump_dir = tempfile.mkdtemp(prefix='train-memory-hlo-') if args.buffers else None

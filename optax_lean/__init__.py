@@ -32,6 +32,7 @@ from optax_lean._src.rso import ScaleByRandomSubspaceState, rso, scale_by_random
 from optax_lean._src.sharding import state_sharding
 from optax_lean._src.snsm import adagrad_sn, adagrad_snsm, adamsn, adamsnsm, rmsprop_sn, sgd_sm
 from optax_lean._src.subset_norm import ScaleBySubsetNormState, scale_by_subset_norm
+from optax_lean._src.subspace_adam import ScaleBySubspaceAdamState
 from optax_lean._src.subspace_momentum import (
   ScaleBySubspaceMomentumState,
   scale_by_subspace_momentum,
@@ -54,6 +55,7 @@ __all__ = (
   'ScaleByRandomSubspaceState',
   'ScaleByRatioState',
   'ScaleBySubsetNormState',
+  'ScaleBySubspaceAdamState',
   'ScaleBySubspaceMomentumState',
   'TopKProjector',
   'UniformProjector',

@@ -1,5 +1,7 @@
 """Every optimizer state survives an orbax round-trip and continues bit-exactly."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,10 +11,25 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_lean
+from tests.family import FAMILY
 
 GAP = 3
+SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 20)
+# Each member of the family, some with a schedule or weight decay in its state.
+WITH = {
+  'adamsn': dict(weight_decay=0.1),
+  'sgd_sm': dict(learning_rate=SCHEDULE),
+  'galore': dict(weight_decay=0.1),
+  'ldadam': dict(weight_decay=0.1),
+  'online_subspace_descent': dict(
+    learning_rate=SCHEDULE, base_learning_rate=0.1, orthogonality_penalty=0.1
+  ),
+}
 OPTIMIZERS = {
-  'adamsnsm': lambda: optax_lean.adamsnsm(1e-2, rank=2, update_proj_gap=GAP),
+  **{
+    name: functools.partial(member.make, gap=GAP, **WITH.get(name, {}))
+    for name, member in FAMILY.items()
+  },
   'adamsnsm_random': lambda: optax_lean.adamsnsm(
     1e-2, rank=2, update_proj_gap=GAP, projector='random'
   ),
@@ -27,14 +44,6 @@ OPTIMIZERS = {
     nu_dtype=jnp.bfloat16,
     projector_dtype=jnp.bfloat16,
   ),
-  'adamsn': lambda: optax_lean.adamsn(1e-2, weight_decay=0.1),
-  'rmsprop_sn': lambda: optax_lean.rmsprop_sn(1e-2),
-  'adagrad_sn': lambda: optax_lean.adagrad_sn(1e-1),
-  'adagrad_snsm': lambda: optax_lean.adagrad_snsm(1e-1, rank=2, update_proj_gap=GAP),
-  'sgd_sm': lambda: optax_lean.sgd_sm(
-    optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 20), rank=2, update_proj_gap=GAP
-  ),
-  'galore': lambda: optax_lean.galore(1e-2, rank=2, update_proj_gap=GAP, weight_decay=0.1),
   'galore_random_bf16_states': lambda: optax_lean.galore(
     1e-2,
     rank=2,
@@ -43,18 +52,9 @@ OPTIMIZERS = {
     mu_dtype=jnp.bfloat16,
     nu_dtype=jnp.bfloat16,
   ),
-  'ldadam': lambda: optax_lean.ldadam(1e-2, rank=2, weight_decay=0.1),
   'ldadam_svd_no_error_feedback': lambda: optax_lean.ldadam(
     1e-2, rank=2, projector='svd', error_feedback=False
   ),
-  'online_subspace_descent': lambda: optax_lean.online_subspace_descent(
-    optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 20),
-    rank=2,
-    update_proj_gap=GAP,
-    base_learning_rate=0.1,
-    orthogonality_penalty=0.1,
-  ),
-  'rso': lambda: optax_lean.rso(1e-2, rank=2, update_proj_gap=GAP),
 }
 
 

@@ -21,10 +21,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_lean
+from tests.family import FAMILY, REAL_ONLY
 
 GAP = 5
-ALIASES = {
-  'adamsnsm': (optax_lean.adamsnsm, dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP)),
+# Every optimizer of the family at the contract's size, and variants of it.
+BASE = {
+  name: (member.factory, dict(learning_rate=member.learning_rate, **member.sizes(gap=GAP)))
+  for name, member in FAMILY.items()
+}
+VARIANTS = {
   'adamsnsm_randomized': (
     optax_lean.adamsnsm,
     dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP, projector='randomized_svd'),
@@ -47,19 +52,8 @@ ALIASES = {
     optax_lean.adamsnsm,
     dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP, projector='uniform', subset_size=-2),
   ),
-  'adamsn': (optax_lean.adamsn, dict(learning_rate=1e-2)),
-  'rmsprop_sn': (optax_lean.rmsprop_sn, dict(learning_rate=1e-2)),
-  'adagrad_sn': (optax_lean.adagrad_sn, dict(learning_rate=0.3)),
-  'adagrad_snsm': (optax_lean.adagrad_snsm, dict(learning_rate=0.3, rank=2, update_proj_gap=GAP)),
-  'sgd_sm': (optax_lean.sgd_sm, dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP)),
-  'galore': (optax_lean.galore, dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP)),
-  'ldadam': (optax_lean.ldadam, dict(learning_rate=1e-2, rank=2)),
-  'online_subspace_descent': (
-    optax_lean.online_subspace_descent,
-    dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP, base_learning_rate=1e-2),
-  ),
-  'rso': (optax_lean.rso, dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP)),
 }
+ALIASES = {**BASE, **VARIANTS}
 STATIC_ARGS = ('rank', 'update_proj_gap', 'subset_size', 'projector', 'momentum_on_refresh')
 
 
@@ -124,22 +118,6 @@ def problems(dtype):
   }
 
 
-BASE = {
-  name: ALIASES[name]
-  for name in (
-    'adamsnsm',
-    'adamsn',
-    'rmsprop_sn',
-    'adagrad_sn',
-    'adagrad_snsm',
-    'sgd_sm',
-    'galore',
-    'ldadam',
-    'online_subspace_descent',
-    'rso',
-  )
-}
-REAL_ONLY = ('ldadam', 'online_subspace_descent')  # their matrix rules refuse complex leaves
 # Rosenbrock's curvature (about 1000 near the minimum) needs smaller steps for
 # the plain-gradient and AdaGrad rules; the others keep their contract rate.
 ROSENBROCK_LR = {'sgd_sm': 1e-3, 'adagrad_sn': 0.1, 'adagrad_snsm': 0.1}

@@ -17,27 +17,13 @@ import pytest
 
 import optax_lean
 from optax_lean import DimensionNumbers
+from tests.family import FAMILY, LOW_RANK, REAL_ONLY
 from tests.test_invariants import outputs
 
 GAP = 3
-FACTORIES = {
-  'adamsnsm': (optax_lean.adamsnsm, dict(rank=2, update_proj_gap=GAP)),
-  'adamsn': (optax_lean.adamsn, {}),
-  'rmsprop_sn': (optax_lean.rmsprop_sn, {}),
-  'adagrad_sn': (optax_lean.adagrad_sn, {}),
-  'adagrad_snsm': (optax_lean.adagrad_snsm, dict(rank=2, update_proj_gap=GAP)),
-  'sgd_sm': (optax_lean.sgd_sm, dict(rank=2, update_proj_gap=GAP)),
-  'galore': (optax_lean.galore, dict(rank=2, update_proj_gap=GAP)),
-  'ldadam': (optax_lean.ldadam, dict(rank=2)),
-  'online_subspace_descent': (
-    optax_lean.online_subspace_descent,
-    dict(rank=2, update_proj_gap=GAP, base_learning_rate=1e-2),
-  ),
-  'rso': (optax_lean.rso, dict(rank=2, update_proj_gap=GAP)),
-}
-REAL_ONLY = ('ldadam', 'online_subspace_descent')
-COMPLEX = [name for name in FACTORIES if name not in REAL_ONLY]
-DECAY_AFTER = [name for name in FACTORIES if name not in ('ldadam', 'rso')]
+FACTORIES = list(FAMILY)
+COMPLEX = [name for name in FAMILY if FAMILY[name].complex_leaves]
+DECAY_AFTER = [name for name in FAMILY if FAMILY[name].decays_after_update]
 SHAPES = {'tall': (10, 6), 'wide': (6, 10), 'square': (8, 8), 'stack': (2, 10, 6), 'vector': (6,)}
 DIMS = {
   'tall': DimensionNumbers(),
@@ -49,8 +35,9 @@ DIMS = {
 
 
 def make(name, learning_rate=1e-2, **overrides):
-  factory, kwargs = FACTORIES[name]
-  return factory(learning_rate, **{'dimension_numbers': DIMS, **kwargs, **overrides})
+  member = FAMILY[name]
+  kwargs = {'dimension_numbers': DIMS, **member.sizes(gap=GAP), **overrides}
+  return member.factory(learning_rate, **kwargs)
 
 
 def draw(shapes, dtype, seed):
@@ -133,10 +120,10 @@ def test_complex_matrices_are_refused_where_unsupported(name):
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize('name', list(FACTORIES))
+@pytest.mark.parametrize('name', FACTORIES)
 def test_half_precision_runs_jitted_and_keeps_dtypes(name, dtype):
   """Tall, wide, square and stacked leaves at rank 4, through refreshes."""
-  kwargs = {'rank': 4} if 'rank' in FACTORIES[name][1] else {}
+  kwargs = {'rank': 4} if FAMILY[name].low_rank else {}
   tx = make(name, **kwargs)
   params = draw({'tall': (16, 8), 'wide': (8, 16), 'square': (8, 8), 'stack': (2, 16, 8)}, dtype, 0)
   dims = {k: DimensionNumbers(1, 2) if k == 'stack' else DimensionNumbers() for k in params}
@@ -155,11 +142,10 @@ def test_half_precision_runs_jitted_and_keeps_dtypes(name, dtype):
 
 
 @pytest.mark.filterwarnings('ignore:rank 1[26]8? exceeds')
-@pytest.mark.parametrize('name', list(FACTORIES))
+@pytest.mark.parametrize('name', FACTORIES)
 def test_inject_hyperparams_without_static_args(name):
   """``inject_hyperparams(alias)(learning_rate=...)`` equals the alias itself."""
-  factory, _ = FACTORIES[name]
-  extra = {'base_learning_rate': 1e-2} if name == 'online_subspace_descent' else {}
+  factory, extra = FAMILY[name].factory, FAMILY[name].options
   injected = optax.inject_hyperparams(factory)(learning_rate=1e-2, **extra)
   plain = factory(1e-2, **extra)
   params = draw({'w': (6, 4), 'v': (4,)}, jnp.float32, 0)
@@ -168,11 +154,12 @@ def test_inject_hyperparams_without_static_args(name):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
 
 
-@pytest.mark.parametrize('name', [n for n in FACTORIES if 'rank' in FACTORIES[n][1]])
+@pytest.mark.parametrize('name', LOW_RANK)
 def test_inject_hyperparams_says_how_to_keep_rank_static(name):
-  factory, kwargs = FACTORIES[name]
+  member = FAMILY[name]
+  factory, kwargs = member.factory, member.sizes(gap=GAP)
   tx = optax.inject_hyperparams(factory)(learning_rate=1e-2, **kwargs)
-  static_args = ('rank',) if name == 'ldadam' else ('rank', 'update_proj_gap')
+  static_args = ('rank', 'update_proj_gap') if member.refresh_gap else ('rank',)
   with pytest.raises(ValueError, match=re.escape(f'static_args={static_args!r}')):
     tx.init({'w': jnp.ones((6, 4))})
   static = optax.inject_hyperparams(factory, static_args=static_args)
@@ -199,7 +186,7 @@ def test_subset_size_array_says_how_to_keep_it_static():
 # Other inputs optax accepts.
 
 
-@pytest.mark.parametrize('name', list(FACTORIES))
+@pytest.mark.parametrize('name', FACTORIES)
 def test_zero_size_leaves(name):
   # 'w' stays leaf 0, so random projectors draw the same basis for it.
   shapes = {'w': (6, 4), 'x_empty': (0, 4), 'y_empty': (0,)}
@@ -212,7 +199,7 @@ def test_zero_size_leaves(name):
   np.testing.assert_allclose(got['w'], alone['w'], rtol=1e-6)
 
 
-@pytest.mark.parametrize('name', list(FACTORIES))
+@pytest.mark.parametrize('name', FACTORIES)
 def test_python_float_leaves(name):
   tx = make(name, dimension_numbers=None)
   params = {'a': 1.0, 'w': jnp.ones((6, 4))}
@@ -224,7 +211,7 @@ def test_python_float_leaves(name):
   assert updates['a'].dtype == expected['a'].dtype
 
 
-@pytest.mark.parametrize('name', list(FACTORIES))
+@pytest.mark.parametrize('name', FACTORIES)
 def test_update_without_params_when_there_is_no_weight_decay(name):
   params = draw(SHAPES, jnp.float32, 0)
   grads = draw(SHAPES, jnp.float32, 1)
@@ -237,7 +224,7 @@ def test_update_without_params_when_there_is_no_weight_decay(name):
     decaying.update(grads, decaying.init(params))
 
 
-@pytest.mark.parametrize('name', list(FACTORIES))
+@pytest.mark.parametrize('name', FACTORIES)
 def test_learning_rate_none_gives_the_unscaled_direction(name):
   """As ``optax.adamw(None)``: no scaling, so the update is ``-1`` times lr 1's."""
   extra = {'base_learning_rate': 1.0} if name == 'online_subspace_descent' else {}
@@ -255,7 +242,7 @@ def test_learning_rate_none_with_decay_after_the_update_is_refused(name):
     make(name, None, weight_decay=0.1, **extra)
 
 
-@pytest.mark.parametrize('name', list(FACTORIES))
+@pytest.mark.parametrize('name', FACTORIES)
 def test_mask_of_another_structure_is_refused_in_one_line(name):
   tx = make(name, dimension_numbers=None, mask={'w': True})
   with pytest.raises(ValueError, match=r'^mask must be a pytree prefix of the params') as error:
@@ -263,9 +250,9 @@ def test_mask_of_another_structure_is_refused_in_one_line(name):
   assert '\n' not in str(error.value)
 
 
-@pytest.mark.parametrize('name', list(FACTORIES))
+@pytest.mark.parametrize('name', FACTORIES)
 def test_arguments_after_weight_decay_are_keyword_only(name):
-  parameters = list(inspect.signature(FACTORIES[name][0]).parameters.values())
+  parameters = list(inspect.signature(FAMILY[name].factory).parameters.values())
   names = [p.name for p in parameters]
   after = parameters[names.index('weight_decay') + 1 :]
   assert after and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in after)

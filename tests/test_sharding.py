@@ -5,6 +5,8 @@ placed through ``state_sharding``) and Explicit (sharding in types, where SVD,
 QR, reshapes and contractions over sharded axes need explicit shardings).
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lean
 from optax_lean import DimensionNumbers
+from tests.family import FAMILY
 
 GAP, STEPS = 3, 8
 SPECS = {
@@ -33,10 +36,20 @@ DIMS = {
   'embed': None,
   'b': None,
 }
+# Every optimizer of the family (with weight decay where it has a rule for
+# it), variants of AdamSNSM's projector and subsets, and AdamW.
 OPTIMIZERS = {
-  'adamsnsm': lambda: optax_lean.adamsnsm(
-    1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS, weight_decay=0.1
-  ),
+  **{
+    name: functools.partial(
+      member.make,
+      rank=4,
+      gap=GAP,
+      mask=MASK,
+      dimension_numbers=DIMS,
+      **({'weight_decay': 0.1} if name in ('adamsnsm', 'galore', 'ldadam') else {}),
+    )
+    for name, member in FAMILY.items()
+  },
   'adamsnsm_randomized_rotate': lambda: optax_lean.adamsnsm(
     1e-2,
     rank=4,
@@ -60,18 +73,6 @@ OPTIMIZERS = {
   ),
   'adamsn_chunks': lambda: optax_lean.adamsn(
     1e-2, subset_size=64, mask=MASK, dimension_numbers=DIMS
-  ),
-  'galore': lambda: optax_lean.galore(
-    1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS, weight_decay=0.1
-  ),
-  'ldadam': lambda: optax_lean.ldadam(
-    1e-2, rank=4, mask=MASK, dimension_numbers=DIMS, weight_decay=0.1
-  ),
-  'online_subspace_descent': lambda: optax_lean.online_subspace_descent(
-    1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS
-  ),
-  'rso': lambda: optax_lean.rso(
-    1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS
   ),
   'adamw': lambda: optax.adamw(1e-2),
 }

@@ -7,9 +7,7 @@ divides. Without ``--mesh`` every device is on ``data``.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -74,19 +72,3 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, stacked: bool) -> P:
     return P()
   axis = max(candidates, key=lambda a: shape[a])
   return P(*[('fsdp' if a == axis else None) for a in range(len(shape))])
-
-
-def on_mesh(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
-  """``fn`` traced with ``mesh`` as the context mesh.
-
-  The optimizer then shares each projector refresh out over the mesh (each
-  device decomposes its own layers of a stack, ``optax_lean.state_sharding``'s
-  docs), which it can only do when it knows the mesh.
-  """
-
-  @functools.wraps(fn)
-  def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
-
-  return traced

@@ -183,7 +183,6 @@ def compile_steps(
   model: Model,
   tx: optax.GradientTransformation,
   trained: rso_layers.TrainAll,
-  device_mesh: jax.sharding.Mesh,
   shd: Shardings,
 ) -> Compiled:
   """The initial state, train step and evaluation, each under one ``jax.jit``."""
@@ -196,7 +195,7 @@ def compile_steps(
     init_state=jax.jit(init_state, out_shardings=shd.state),
     abstract_state=jax.eval_shape(init_state),
     step_fn=jax.jit(
-      mesh.on_mesh(device_mesh, step_fn),
+      step_fn,
       in_shardings=(shd.state, shd.batch, shd.batch),
       out_shardings=(shd.state, shd.replicated),
       donate_argnums=0,
@@ -223,7 +222,7 @@ def build(cfg: TrainConfig) -> Run:
   device_mesh = mesh.make_mesh(cfg.mesh, cfg.batch_size)
   tx, schedule = make_optimizer(cfg, hparams, model.abstract_params)
   shd = make_shardings(cfg, device_mesh, tx, trained, model.abstract_params)
-  compiled = compile_steps(cfg, model, tx, trained, device_mesh, shd)
+  compiled = compile_steps(cfg, model, tx, trained, shd)
   return Run(
     cfg=cfg,
     batches=batches,

@@ -47,12 +47,10 @@ def projector_adamw(
 ) -> optax.GradientTransformation:
   r"""PyTorch's ``AdamW`` of the bases, as a chain of optax parts.
 
-    Adam with ``eps`` on the corrected root, then the decoupled decay, then the
-    step size: :math:`P \leftarrow P - \eta (\mathrm{Adam}(
-  abla) + \lambda P)`,
-    which is PyTorch's decay-then-step :math:`P (1 - \eta\lambda) - \eta\,
-    \mathrm{Adam}(
-  abla)`. A schedule is of the chain's own step count.
+  Adam with ``eps`` on the corrected root, then the decoupled decay, then the
+  step size: :math:`P \leftarrow P - \eta (\mathrm{Adam}(\nabla) + \lambda P)`,
+  which is PyTorch's decay-then-step :math:`P (1 - \eta\lambda) - \eta\,
+  \mathrm{Adam}(\nabla)`. A schedule is of the chain's own step count.
   """
   return optax.chain(
     optax.scale_by_adam(b1, b2, eps),

@@ -21,8 +21,8 @@ All refreshes are traced under ``jax.lax.cond`` on one scalar step count, run
 in float32 (float64 for 64-bit leaves, complex for complex ones) on a copy of
 ``G`` whose matrix axes are gathered (SVD and QR need them whole), and keep the
 previous projector when the result is not finite or the gradient is all zeros.
-The matrices of a stack are shared out over the devices for a refresh: each
-device decomposes its own layers (``Projector.refresh``).
+A refresh takes the selected matrices one round at a time, one matrix per
+device (``walk.refresh_in_rounds``): each device decomposes its own.
 """
 
 from __future__ import annotations
@@ -249,15 +249,15 @@ class Projector(abc.ABC):
   ) -> jax.Array:
     """Recomputes the state from ``G_a``, keeping ``state`` where that fails.
 
-    ``G_a`` is gathered over its matrix axes and cast to its compute dtype
-    (float32, float64 or complex, see ``dtypes.compute_dtype``) first. For a
-    stack, the mesh's axes move to the stack's axes (see
-    ``sharding.spread_over_batch``): each device then decomposes whole matrices
-    of its own share of the stack instead of every matrix, and receives the
-    others' results as ``state``'s sharding asks. For a projector that reads
-    the gradient, a matrix (of a stack) whose gradient is not finite or all
-    zeros, or whose new basis is not finite, keeps its old state. The result
-    is cast and resharded back to ``state``'s type.
+    ``G_a`` (a matrix, or a round of them with one key each) is gathered over
+    its matrix axes and cast to its compute dtype (float32, float64 or
+    complex, see ``dtypes.compute_dtype``) first. For a round, the mesh's axes
+    move to the round's axis (see ``sharding.spread_over_batch``): each device
+    then decomposes whole matrices of its own share, and receives the others'
+    results as ``state``'s sharding asks. For a projector that reads the
+    gradient, a matrix whose gradient is not finite or all zeros, or whose new
+    basis is not finite, keeps its old state. The result is cast and
+    resharded back to ``state``'s type.
     """
     dtype = dtypes.compute_dtype(g_a.dtype)
     g_a = sharding.spread_over_batch(g_a, matrix_axes=2).astype(dtype)

@@ -307,16 +307,14 @@ def state_sharding(tx: Any, params: Any, param_sharding: Any | None = None) -> A
   optax and optax_lean transformations.
 
   Projector refreshes are shared out too. An SVD or QR needs whole matrices,
-  so a refresh gathers each gradient matrix; for a stack ``(layers, in, out)``
-  it moves the mesh's axes to the layer axis instead (an all-to-all), each
-  device decomposes its own ``layers / N`` matrices, and the new bases go to
-  the state's layout (``O(r (m + n))`` numbers per matrix). The work per
-  device is then about ``1 / N`` of all of it, where a replicated refresh
-  would do all of it on every device; a matrix outside any stack is still
-  decomposed on every device. Under an Explicit mesh this follows from the
-  types; under an Auto mesh the update must be traced with the mesh as
-  context (``jax.set_mesh(mesh)``, or ``jax.sharding.use_abstract_mesh`` inside
-  the jitted function) to know the mesh's axes.
+  so a refresh takes the selected matrices of the tree in rounds of one per
+  device: a round gathers its matrices (an all-to-all), each device
+  decomposes its own, and the new bases go to the state's layout
+  (``O(r (m + n))`` numbers per matrix). The work per device is then about
+  ``1 / N`` of all of it, for stacked layers and separate leaves of one shape
+  alike, and one round's matrices are live at a time. The mesh is the
+  types' under an Explicit mesh, and under an Auto one the mesh that the
+  update's inputs are laid out on (``mesh_of``): no context mesh is needed.
 
   Args:
     tx: An ``optax.GradientTransformation``.

@@ -197,21 +197,15 @@ class SubspaceAdam:
     leaves, treedef = jax.tree.flatten(updates)
     flat = lambda tree: treedef.flatten_up_to(tree)
     mus, nus, projs = flat(state.mu), flat(state.nu), flat(state.projector)
-    selected = [plan is not None for plan in leaf_plans]
-    pick = lambda xs: [x if chosen else None for x, chosen in zip(xs, selected)]
-
-    def refresh(operands):
-      mus, nus, projs = operands
-      projs = refresh_projectors(leaves, projs, leaf_plans, self.seed, count_inc, layer)
-      if restart:
-        mus, nus = (jax.tree.map(jnp.zeros_like, xs) for xs in (mus, nus))
-      return mus, nus, projs
-
-    new_mus, new_nus, projs = jax.lax.cond(
-      self.refreshes(count), refresh, lambda operands: operands, (pick(mus), pick(nus), projs)
+    # Only the bases go through the cond: moments passed through it would be
+    # copied; a reset happens matrix by matrix in the walk below.
+    refreshed = self.refreshes(count)
+    projs = jax.lax.cond(
+      refreshed,
+      lambda projs: refresh_projectors(leaves, projs, leaf_plans, self.seed, count_inc, layer),
+      lambda projs: projs,
+      projs,
     )
-    mus = [new if chosen else old for new, old, chosen in zip(new_mus, mus, selected)]
-    nus = [new if chosen else old for new, old, chosen in zip(new_nus, nus, selected)]
     # A fresh Adam per subspace counts its steps from the last refresh.
     adam_count = count % self.update_proj_gap + 1 if restart else count_inc
     observed = [None] * len(leaves)
@@ -221,13 +215,13 @@ class SubspaceAdam:
         return (*adam_step(g, mu, nu, count_inc, self.b1, self.b2, self.eps, self.flavour), None)
 
       def matrix(g_m, mu_m, nu_m, state_m, basis=None):
-        g_a = plan.matrix_rows(g_m)
+        g_a, mu_a, nu_a = (plan.matrix_rows(x) for x in (g_m, mu_m, nu_m))
         if basis is None:
           basis = plan.basis(state_m, g_a, g.dtype)
+        if restart:
+          mu_a, nu_a = (jnp.where(refreshed, jnp.zeros_like(x), x) for x in (mu_a, nu_a))
         config = (self.b1, self.b2, self.eps, self.flavour, self.scale)
-        update, mu_a, nu_a = adam_matrix_step(
-          g_a, plan.matrix_rows(mu_m), plan.matrix_rows(nu_m), basis, adam_count, *config
-        )
+        update, mu_a, nu_a = adam_matrix_step(g_a, mu_a, nu_a, basis, adam_count, *config)
         outputs = (
           plan.matrix_rows(update),
           plan.matrix_rows(mu_a.astype(mu.dtype)),

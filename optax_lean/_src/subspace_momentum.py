@@ -219,11 +219,14 @@ def scale_by_subspace_momentum(
     )
 
   def refresh(gradients, mus, projs, leaf_plans, count_inc, layer):
-    """New bases for every leaf (one round-robin walk) and the momenta they imply."""
+    """New bases for every leaf (one round-robin walk), and the momenta rotated into them.
+
+    Only ``'rotate'`` changes the momenta here (``mus`` is ``None`` otherwise):
+    a momentum that is kept or reset does not pass through the refresh's
+    ``jax.lax.cond``, whose outputs would be copies of it.
+    """
     new_projs = refresh_projectors(gradients, projs, leaf_plans, seed, count_inc, layer)
-    if momentum_on_refresh == 'reset':
-      mus = [mu if plan is None else jnp.zeros_like(mu) for mu, plan in zip(mus, leaf_plans)]
-    elif momentum_on_refresh == 'rotate':
+    if mus is not None:
       mus = [
         mu if plan is None else rotate_momentum(plan, g, mu, old, new)
         for g, mu, old, new, plan in zip(gradients, mus, projs, new_projs, leaf_plans)
@@ -244,11 +247,12 @@ def scale_by_subspace_momentum(
       return numerator
     return divisor.divide(dtypes.store(numerator, dtype), *matrix)
 
-  def update_leaf(g, mu, proj_state, plan, count_inc, divisor):
+  def update_leaf(g, mu, proj_state, plan, count_inc, divisor, refreshed):
     """A selected leaf's output and momentum, one matrix at a time.
 
     With a ``divisor`` whose matrices are the plan's, each matrix is divided
-    as it is formed, and the quotient overwrites the gradient.
+    as it is formed, and the quotient overwrites the gradient. ``refreshed``
+    says whether this step refreshed the bases.
     """
     reset = (count_inc > 1) & (count_inc % update_proj_gap == 0)
     if momentum_on_refresh != 'official':
@@ -257,6 +261,8 @@ def scale_by_subspace_momentum(
 
     def matrix(g_m, mu_m, state_m, den_m, basis=None):
       g_a, mu_a = plan.matrix_rows(g_m), plan.matrix_rows(mu_m)
+      if momentum_on_refresh == 'reset':
+        mu_a = jnp.where(refreshed, jnp.zeros_like(mu_a), mu_a)
       if basis is None:
         basis = plan.basis(state_m, g_a, g.dtype)
       numerator, momentum = momentum_step(g_a, mu_a, basis, b1, reset)
@@ -286,21 +292,23 @@ def scale_by_subspace_momentum(
     leaf_plans = plans(updates)
     leaves, treedef = jax.tree.flatten(updates)
     mus, projs = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.projector)
-    # One refresh of the whole tree: the selected leaves' momenta and bases.
+    # One refresh of the whole tree: the bases (and momenta, if rotated).
     selected = [plan is not None for plan in leaf_plans]
     pick = lambda xs: [x if chosen else None for x, chosen in zip(xs, selected)]
-    refreshed_mus, projs = jax.lax.cond(
-      refresh_due(count_inc - 1, update_proj_gap, offset=1),
+    refreshed = refresh_due(count_inc - 1, update_proj_gap, offset=1)
+    rotated_mus, projs = jax.lax.cond(
+      refreshed,
       lambda operands: refresh(leaves, *operands, leaf_plans, count_inc, layer),
       lambda operands: operands,
-      (pick(mus), projs),
+      (pick(mus) if momentum_on_refresh == 'rotate' else None, projs),
     )
-    mus = [new if chosen else old for new, old, chosen in zip(refreshed_mus, mus, selected)]
+    if rotated_mus is not None:
+      mus = [new if chosen else old for new, old, chosen in zip(rotated_mus, mus, selected)]
     divisors = [None] * len(leaves) if divisors is None else divisors
 
     def update_leaf_or_plain(index, g, mu, proj_state, plan):
       if plan is not None:
-        output, new_mu = update_leaf(g, mu, proj_state, plan, count_inc, divisors[index])
+        output, new_mu = update_leaf(g, mu, proj_state, plan, count_inc, divisors[index], refreshed)
         return output, new_mu, proj_state
       dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
       decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
