@@ -1,6 +1,7 @@
 """Convergence: each optimizer at its tuned learning rate, against AdamW's final loss.
 
-    python -m benchmarks.convergence [--sweep] [--study] [--out FILE]
+    python -m benchmarks.convergence [--sweep] [--study] [--model 20m] [--optimizers a,b]
+                                     [--out FILE] [--plots DIR]
 
 Every run uses the example trainer with the same data (the bundled corpus),
 seed, model and step budget. ``SWEEP`` records the learning rates tried per
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from benchmarks import report
 from examples.llama import compare
@@ -38,6 +40,11 @@ SWEEP = {
   'adamsn': (1e-2, 3e-2, 1e-1),
   'adamsnsm': (3e-3, 1e-2, 3e-2, 1e-1),
   'galore': (3e-3, 1e-2, 3e-2),
+  'apollo': (3e-3, 1e-2, 3e-2),
+  'apollo_mini': (3e-3, 1e-2, 3e-2),
+  'scale': (3e-4, 1e-3, 3e-3, 1e-2),
+  'muon': (3e-3, 1e-2, 3e-2, 1e-1),
+  'muon_bf16': (1e-2, 3e-2, 1e-1),
 }
 # The best of SWEEP on BASE (python -m benchmarks.convergence --sweep); each inside its range.
 TUNED = {
@@ -72,15 +79,16 @@ def run(base: TrainConfig, name: str, lr: float, out_dir: str, **overrides) -> t
   return train_lib.train(cfg)
 
 
-def sweep(base: TrainConfig, out_dir: str) -> tuple[str, dict]:
-  """The sweep's table, and each optimizer's best run."""
-  columns = max(len(rates) for rates in SWEEP.values())
+def sweep(base: TrainConfig, out_dir: str, names: list[str]) -> tuple[str, dict]:
+  """The sweep's table over ``names``, and each optimizer's best run."""
+  columns = max(len(SWEEP[name]) for name in names)
   lines = [
     '| optimizer | ' + ' | '.join(f'lr #{i + 1}' for i in range(columns)) + ' | best |',
     '|---|' + '---|' * (columns + 1),
   ]
   best_runs = {}
-  for name, rates in SWEEP.items():
+  for name in names:
+    rates = SWEEP[name]
     runs = {lr: run(base, name, lr, f'{out_dir}/sweep/{name}-{lr:g}') for lr in rates}
     best = min(runs, key=lambda lr: final_loss(runs[lr]))
     best_runs[name] = runs[best]
@@ -90,11 +98,10 @@ def sweep(base: TrainConfig, out_dir: str) -> tuple[str, dict]:
   return '\n'.join(lines), best_runs
 
 
-def headline(base: TrainConfig, out_dir: str, done: dict) -> str:
-  """Every optimizer at its tuned rate (reusing runs already ``done``)."""
-  return compare.table(
-    [done.get(name) or run(base, name, lr, f'{out_dir}/{name}') for name, lr in TUNED.items()]
-  )
+def headline(base: TrainConfig, out_dir: str, done: dict) -> list[train_lib.RunResult]:
+  """Every optimizer at its tuned rate, AdamW first, then the best runs of ``done`` not in TUNED."""
+  tuned = [done.get(name) or run(base, name, lr, f'{out_dir}/{name}') for name, lr in TUNED.items()]
+  return tuned + [result for name, result in done.items() if name not in TUNED]
 
 
 def study(base: TrainConfig, out_dir: str, done: dict) -> str:
@@ -114,17 +121,31 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--sweep', action='store_true', help='rerun the learning-rate sweep')
   parser.add_argument('--study', action='store_true', help="vary AdamSNSM's rank, gap, policy")
   parser.add_argument('--steps', type=int, default=BASE.steps)
+  parser.add_argument('--model', default=BASE.model, help='config name (default: %(default)s)')
+  parser.add_argument(
+    '--optimizers', default=','.join(SWEEP), help='which optimizers --sweep tries (default: all)'
+  )
+  parser.add_argument('--plots', default=None, help='write the curves and the state plot here')
   parser.add_argument('--out-dir', default='runs/convergence')
   parser.add_argument('--out', default=None, help='also write the tables to this file')
   args = parser.parse_args(argv)
-  base = dataclasses.replace(BASE, steps=args.steps)
+  base = dataclasses.replace(BASE, steps=args.steps, model=args.model)
+  names = args.optimizers.split(',')
+  unknown = [name for name in names if name not in SWEEP]
+  if unknown:
+    parser.error(f'--optimizers: no sweep for {", ".join(unknown)}; choose from {", ".join(SWEEP)}')
   sections, done = [], {}
   if args.sweep:
-    table, done = sweep(base, args.out_dir)
+    table, done = sweep(base, args.out_dir, names)
     sections.append(table)
     print(sections[-1], flush=True)
-  sections.append(headline(base, args.out_dir, done))
+  results = headline(base, args.out_dir, done)
+  sections.append(compare.table(results))
   print(sections[-1], flush=True)
+  if args.plots:
+    os.makedirs(args.plots, exist_ok=True)
+    compare.plot(results, os.path.join(args.plots, f'convergence_{base.model}.png'))
+    compare.state_plot(results, os.path.join(args.plots, f'loss_vs_state_{base.model}.png'))
   if args.study:
     sections.append(study(base, args.out_dir, done))
     print(sections[-1], flush=True)

@@ -99,15 +99,19 @@ def rows() -> list[Row]:
     ),
   ]
   for name, spec in optimizers.REGISTRY.items():
-    if name not in ('adamw', 'adafactor', 'adamsn', 'rmsprop_sn', 'adamsnsm') and spec.low_rank:
-      table.append(
-        Row(
-          f'{name} (paper rank)',
-          lambda size, name=name: optimizers.build(
-            name, optax.constant_schedule(1e-3), optimizers.Hyperparameters(rank=PAPER_RANK[size])
-          ),
-        )
+    if name in ('adamw', 'adafactor', 'adamsn', 'rmsprop_sn', 'adamsnsm'):
+      continue
+    if not spec.low_rank:
+      table.append(Row(name, registry(name)))
+      continue
+    table.append(
+      Row(
+        f'{name} (paper rank)',
+        lambda size, name=name: optimizers.build(
+          name, optax.constant_schedule(1e-3), optimizers.Hyperparameters(rank=PAPER_RANK[size])
+        ),
       )
+    )
   return table
 
 

@@ -62,6 +62,11 @@ LABELS = {
   'ldadam': ('ldadam', {}),
   'online_subspace_descent': ('online_subspace_descent', {}),
   'rso': ('rso', {}),
+  'apollo': ('apollo', {}),
+  'apollo_mini': ('apollo_mini', {}),
+  'scale': ('scale', {}),
+  'muon': ('muon', {}),
+  'muon_bf16': ('muon_bf16', {}),
 }
 DEFAULT_LABELS = ','.join(
   (

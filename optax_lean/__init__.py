@@ -1,5 +1,6 @@
 """optax_lean: memory-lean optimizers as composable optax transformations."""
 
+from optax_lean._src.apollo import apollo, apollo_mini, scale_by_apollo
 from optax_lean._src.combine import (
   AddDecayedWeightsAfterUpdateState,
   ScaleByRatioState,
@@ -12,6 +13,7 @@ from optax_lean._src.layers import layer_axes, merge_layers, split_layers, updat
 from optax_lean._src.ldadam import ScaleByLDAdamState, ldadam, scale_by_ldadam
 from optax_lean._src.memory import state_bytes, state_bytes_by_kind, state_bytes_by_leaf
 from optax_lean._src.nnx_layouts import nnx_dimension_numbers
+from optax_lean._src.norm_growth import ScaleByNormGrowthLimitState, scale_by_norm_growth_limit
 from optax_lean._src.online_subspace import (
   ScaleByOnlineSubspaceDescentState,
   online_subspace_descent,
@@ -19,6 +21,7 @@ from optax_lean._src.online_subspace import (
 )
 from optax_lean._src.projectors import (
   PROJECTORS,
+  GaussianProjector,
   PowerIterationProjector,
   Projector,
   RandomizedSVDProjector,
@@ -29,6 +32,7 @@ from optax_lean._src.projectors import (
   get_projector,
 )
 from optax_lean._src.rso import ScaleByRandomSubspaceState, rso, scale_by_random_subspace
+from optax_lean._src.scale import ScaleByColumnNormState, scale, scale_by_column_norm
 from optax_lean._src.sharding import state_sharding
 from optax_lean._src.snsm import adagrad_sn, adagrad_snsm, adamsn, adamsnsm, rmsprop_sn, sgd_sm
 from optax_lean._src.subset_norm import ScaleBySubsetNormState, scale_by_subset_norm
@@ -44,13 +48,16 @@ __all__ = (
   'PROJECTORS',
   'AddDecayedWeightsAfterUpdateState',
   'DimensionNumbers',
+  'GaussianProjector',
   'PowerIterationProjector',
   'Projector',
   'RandomProjector',
   'RandomizedSVDProjector',
   'SVDProjector',
+  'ScaleByColumnNormState',
   'ScaleByGaLoreState',
   'ScaleByLDAdamState',
+  'ScaleByNormGrowthLimitState',
   'ScaleByOnlineSubspaceDescentState',
   'ScaleByRandomSubspaceState',
   'ScaleByRatioState',
@@ -64,6 +71,8 @@ __all__ = (
   'adamsn',
   'adamsnsm',
   'add_decayed_weights_after_update',
+  'apollo',
+  'apollo_mini',
   'default_mask',
   'galore',
   'get_projector',
@@ -74,8 +83,12 @@ __all__ = (
   'online_subspace_descent',
   'rmsprop_sn',
   'rso',
+  'scale',
+  'scale_by_apollo',
+  'scale_by_column_norm',
   'scale_by_galore',
   'scale_by_ldadam',
+  'scale_by_norm_growth_limit',
   'scale_by_online_subspace_descent',
   'scale_by_random_subspace',
   'scale_by_ratio',

@@ -95,6 +95,15 @@ FAMILY: dict[str, Member] = {
   'rso': Member(
     optax_lean.rso, 'tests/test_reference_family.py::test_rso', decays_after_update=False
   ),
+  'apollo': Member(optax_lean.apollo, 'tests/test_reference_family.py::test_apollo'),
+  'apollo_mini': Member(optax_lean.apollo_mini, 'tests/test_reference_family.py::test_apollo'),
+  'scale': Member(
+    optax_lean.scale,
+    'tests/test_reference_family.py::test_scale',
+    options={'output_layer': False},  # the test problems have no head; variants name one
+    low_rank=False,
+    decays_after_update=False,
+  ),
 }
 LOW_RANK = [name for name, member in FAMILY.items() if member.low_rank]
 REAL_ONLY = [name for name, member in FAMILY.items() if not member.complex_leaves]

@@ -268,3 +268,112 @@ class RandomSubspaceReference:
       t = self.inner
     self.m, self.v, d = torch_adam(self.m, self.v, grad_b, t, self.b1, self.b2, self.eps)
     return d @ self.basis.T if self.projected else d
+
+
+class ApolloReference:
+  """APOLLO's ``AdamW.step`` (official ``apollo_torch/apollo.py``) on one PyTorch weight.
+
+  For ``W (m, n)`` the sketch ``P`` (given by the test at each refresh, the
+  library's Gaussian draw) reduces the smaller axis: ``R = P^T G`` with ``P (m,
+  r)`` when ``m < n``, else ``R = G P`` with ``P (n, r)``. Adam's moments of
+  ``R`` are never reset; the gradient is scaled per channel (the larger axis)
+  or as a whole by ``||M / (sqrt(V) + eps)|| / (||R|| + 1e-8)``, limited in
+  norm growth (``gamma``, from the second step), multiplied by ``sqrt(scale)``
+  and by the bias correction ``sqrt(1 - b2^t) / (1 - b1^t)``. Unprojected
+  parameters get the same Adam on ``G`` itself, with no scaling rule. With
+  ``rule='paper'`` (Algorithm 1), the ratios come from the bias-corrected
+  moments and no correction multiplies the result.
+  """
+
+  def __init__(
+    self,
+    shape,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+    gap=10,
+    scale=1.0,
+    scale_type='channel',
+    gamma=1.01,
+    projected=True,
+    rule='official',
+  ):
+    self.rule = rule
+    self.b1, self.b2, self.eps, self.gap = b1, b2, eps, gap
+    self.scale, self.scale_type, self.gamma, self.projected = scale, scale_type, gamma, projected
+    self.k = 0
+    self.m = self.v = self.previous_norm = None
+
+  def step(self, g, given=None):
+    g = np.asarray(g, np.float64)
+    rows, cols = g.shape if self.projected else (None, None)
+    if self.projected:
+      if self.k % self.gap == 0:
+        self.sketch = given
+      r = self.sketch.T @ g if rows < cols else g @ self.sketch
+    else:
+      r = g
+    if self.m is None:
+      self.m, self.v = np.zeros_like(r), np.zeros_like(r)
+    self.k += 1
+    self.m = self.b1 * self.m + (1 - self.b1) * r
+    self.v = self.b2 * self.v + (1 - self.b2) * r * r
+    correction1, correction2 = 1 - self.b1**self.k, 1 - self.b2**self.k
+    if self.rule == 'official':
+      step_size = np.sqrt(correction2) / correction1
+      normalised = self.m / (np.sqrt(self.v) + self.eps)
+    else:  # Algorithm 1: AdamW's corrected moments, nothing folded in
+      step_size = 1.0
+      normalised = (self.m / correction1) / (np.sqrt(self.v / correction2) + self.eps)
+    if not self.projected:
+      return step_size * normalised
+    if self.scale_type == 'channel':
+      axis = 0 if rows < cols else 1  # the rank axis of r
+      factor = np.linalg.norm(normalised, axis=axis) / (np.linalg.norm(r, axis=axis) + 1e-8)
+      scaled = g * (factor[None, :] if rows < cols else factor[:, None])
+    else:
+      scaled = g * (np.linalg.norm(normalised) / (np.linalg.norm(r) + 1e-8))
+    norm = np.linalg.norm(scaled)
+    if self.previous_norm is None:
+      self.previous_norm = norm
+    else:
+      limiter = max(norm / (self.previous_norm + 1e-8), self.gamma) / self.gamma
+      scaled = scaled / limiter
+      self.previous_norm = norm / limiter
+    return step_size * np.sqrt(self.scale) * scaled
+
+
+class ScaleReference:
+  """One parameter of the official ``SCALE.step`` (``scale_optimizer.py``).
+
+  ``role`` is ``'main'`` (a hidden linear weight ``(out, in)`` or, with
+  ``col_dim=0``, the embedding ``(vocabulary, features)``): the gradient over
+  its root mean square along ``col_dim``, floored at 1e-8; ``'secondary'``
+  (the output layer): the same of the momentum ``m.lerp_(g, 1 - momentum)``;
+  ``'oned'``: Hugging Face's Adam (``eps`` on the uncorrected root, the bias
+  corrections folded into the step). Decay, before the update in SCALE, is left
+  to the test.
+  """
+
+  def __init__(self, role, *, col_dim=1, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8):
+    self.role, self.col_dim, self.momentum = role, col_dim, momentum
+    self.b1, self.b2, self.eps = b1, b2, eps
+    self.k = 0
+    self.m = self.v = None
+
+  def step(self, g):
+    g = np.asarray(g, np.float64)
+    if self.m is None:
+      self.m, self.v = np.zeros_like(g), np.zeros_like(g)
+    self.k += 1
+    if self.role == 'oned':
+      self.m = self.b1 * self.m + (1 - self.b1) * g
+      self.v = self.b2 * self.v + (1 - self.b2) * g * g
+      correction = (1 - self.b1**self.k) / np.sqrt(1 - self.b2**self.k)
+      return self.m / (self.eps + np.sqrt(self.v)) / correction
+    if self.role == 'secondary':
+      self.m = self.m + (1 - self.momentum) * (g - self.m)
+      g = self.m
+    rms = np.sqrt(np.mean(g * g, axis=self.col_dim, keepdims=True))
+    return g / np.maximum(rms, 1e-8)

@@ -24,6 +24,7 @@ WITH = {
   'online_subspace_descent': dict(
     learning_rate=SCHEDULE, base_learning_rate=0.1, orthogonality_penalty=0.1
   ),
+  'scale': dict(output_layer='kernel', weight_decay=0.1, adam_learning_rate=SCHEDULE),
 }
 OPTIMIZERS = {
   **{

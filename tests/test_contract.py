@@ -52,6 +52,7 @@ VARIANTS = {
     optax_lean.adamsnsm,
     dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP, projector='uniform', subset_size=-2),
   ),
+  'scale_head': (optax_lean.scale, dict(learning_rate=1e-2, output_layer='kernel')),
 }
 ALIASES = {**BASE, **VARIANTS}
 STATIC_ARGS = ('rank', 'update_proj_gap', 'subset_size', 'projector', 'momentum_on_refresh')
@@ -410,6 +411,7 @@ CORE = {
     rank=2, orthogonality_penalty=0.1
   ),
   'random_subspace': lambda: optax_lean.scale_by_random_subspace(rank=2, update_proj_gap=GAP),
+  'norm_growth_limit': lambda: optax_lean.scale_by_norm_growth_limit(1.01),
 }
 
 

@@ -15,10 +15,12 @@ import pytest
 
 import optax_lean
 from tests.reference_family import (
+  ApolloReference,
   GaLoreAdamWReference,
   LDAdamWReference,
   OnlineSubspaceDescentReference,
   RandomSubspaceReference,
+  ScaleReference,
 )
 from tests.test_reference import (
   DIMS,
@@ -135,3 +137,134 @@ def test_library_pca_gradient_is_the_loss_gradient():
   np.testing.assert_allclose(
     pca_loss_gradient(basis, g, 0.3), jax.grad(loss)(basis), rtol=1e-4, atol=1e-5
   )
+
+
+@pytest.mark.parametrize('mini', [False, True])
+@pytest.mark.parametrize('rule', ['official', 'paper'])
+def test_apollo(mini, rule):
+  if mini:
+    common = {k: v for k, v in COMMON.items() if k != 'rank'}  # Mini's rank, 1
+    tx = optax_lean.apollo_mini(LR, update_proj_gap=GAP, rule=rule, **common)
+    rank, options = 1, dict(scale=128.0, scale_type='tensor', rule=rule)
+  else:
+    tx = optax_lean.apollo(LR, update_proj_gap=GAP, rule=rule, **COMMON)
+    rank, options = RANK, dict(rule=rule)
+
+  def given(state, name, layer):
+    if not MASK[name]:
+      return None
+    torch_shape = SHAPES[name][-2:][::-1]  # (out, in) of the PyTorch weight
+    size = min(torch_shape)  # the smaller axis is sketched (a square one's in axis)
+    key = state[0][0].projector[name]
+    sketch = optax_lean.GaussianProjector().basis(key, (*key.shape[:-1], size, rank), jnp.float32)
+    sketch = np.asarray(sketch, np.float64)
+    return sketch[layer] if name == 'stack' else sketch
+
+  make = lambda name, shape: ApolloReference(shape, gap=GAP, projected=MASK[name], **options)
+  run_against_reference(tx, make, given, decay_after=rule == 'official')
+
+
+def test_apollo_sketch_is_gaussian_of_variance_one_over_rank_and_redrawn_at_refreshes():
+  tx = optax_lean.scale_by_apollo(rank=64, update_proj_gap=2)
+  params = {'w': jnp.zeros((512, 1024))}
+  state = tx.init(params)
+  keys = []
+  for _ in range(4):
+    _, state = tx.update({'w': jnp.ones((512, 1024))}, state)
+    keys.append(np.asarray(state.projector['w']))
+  assert (keys[0] == keys[1]).all() and (keys[2] == keys[3]).all()  # kept between refreshes
+  assert not (keys[1] == keys[2]).all()  # redrawn at the refresh
+  sketch = optax_lean.GaussianProjector().basis(state.projector['w'], (512, 64), jnp.float32)
+  # 32768 draws: the sample variance is within 4 standard errors (sqrt(2/N) = 0.8%).
+  np.testing.assert_allclose(np.var(sketch) * 64, 1.0, rtol=0.032)
+  np.testing.assert_allclose(np.mean(sketch), 0.0, atol=4 / np.sqrt(32768 * 64))
+
+
+# A small LLaMA-like model in Flax's layout: an embedding (vocabulary 12), a
+# scanned stack of two square kernels, a wide and a tall kernel, a norm scale
+# and the output head.
+SCALE_SHAPES = {
+  'embed': {'embedding': (12, 6)},
+  'layers': {'attn': {'kernel': (2, 6, 6)}},
+  'mlp': {'up': {'kernel': (6, 10)}, 'down': {'kernel': (10, 6)}},
+  'norm': {'scale': (6,)},
+  'lm_head': {'kernel': (6, 12)},
+}
+
+
+def to_torch(path, x):
+  """A Flax leaf in PyTorch's layout: kernels ``(…, in, out)`` become ``(…, out, in)``."""
+  return np.swapaxes(x, -1, -2) if optax_lean_names(path)[-1] == 'kernel' else x
+
+
+def optax_lean_names(path):
+  return [getattr(k, 'key', None) for k in path]
+
+
+@pytest.mark.parametrize('layout', ['flax', 'torch'])
+def test_scale(layout):
+  """SCALE's update on every kind of leaf equals the official step, in either layout.
+
+  The PyTorch layout reads its ``(…, out, in)`` kernels with
+  ``DimensionNumbers(-1, -2)``; its embedding is the same ``(vocabulary,
+  features)`` table as Flax's, read with the default.
+  """
+  lr, adam_lr, steps = 0.02, 0.005, 12
+  is_shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+  rng = np.random.default_rng(0)
+  draw = lambda: jax.tree_util.tree_map_with_path(
+    lambda path, s: to_torch(path, rng.normal(size=s)) if layout == 'torch' else rng.normal(size=s),
+    SCALE_SHAPES,
+    is_leaf=is_shape,
+  )
+  kernel = (
+    optax_lean.DimensionNumbers(-1, -2) if layout == 'torch' else optax_lean.DimensionNumbers()
+  )
+  dims = jax.tree_util.tree_map_with_path(
+    lambda path, s: (
+      kernel if optax_lean_names(path)[-1] == 'kernel' else optax_lean.DimensionNumbers()
+    ),
+    SCALE_SHAPES,
+    is_leaf=is_shape,
+  )
+  mask = jax.tree.map(lambda s: len(s) > 1, SCALE_SHAPES, is_leaf=is_shape)
+  options = dict(dimension_numbers=dims, mask=mask)
+  tx = optax_lean.scale(lr, weight_decay=WD, adam_learning_rate=adam_lr, **options)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), draw())
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+
+  def reference(path, p):
+    names = optax_lean_names(path)
+    if p.ndim == 1:
+      return ScaleReference('oned')
+    if names[0] == 'embed':
+      return ScaleReference('main', col_dim=0)
+    return ScaleReference('secondary' if names[0] == 'lm_head' else 'main', col_dim=1)
+
+  # In PyTorch's layout a stack of weights is one reference per layer.
+  refs = [
+    [reference(path, p)] if p.ndim < 3 else [reference(path, p) for _ in p]
+    for path, p in with_paths
+  ]
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(steps):
+    grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), draw())
+    updates, state = update(grads, state, params)
+    leaves = zip(jax.tree.leaves(updates), jax.tree.leaves(grads), jax.tree.leaves(params), refs)
+    for (path, _), got, g, p, layer_refs in zip(with_paths, *zip(*leaves)):
+      g, p, got = (np.asarray(x, np.float64) for x in (g, p, got))
+      if layout == 'flax' and optax_lean_names(path)[-1] == 'kernel':  # the reference's layout
+        g, p, got = (np.swapaxes(x, -1, -2) for x in (g, p, got))
+      rate = adam_lr if p.ndim == 1 else lr
+      layers = zip(layer_refs, g, p, got) if p.ndim == 3 else [(layer_refs[0], g, p, got)]
+      for ref, g_l, p_l, got_l in layers:
+        expected = -rate * (ref.step(g_l) + WD * p_l)
+        np.testing.assert_allclose(
+          got_l,
+          expected,
+          rtol=1e-5,
+          atol=1e-7,
+          err_msg=f'{jax.tree_util.keystr(path)} t={step + 1}',
+        )
+    params = optax.apply_updates(params, updates)

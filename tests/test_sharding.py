@@ -50,6 +50,12 @@ OPTIMIZERS = {
     )
     for name, member in FAMILY.items()
   },
+  'scale_head': lambda: optax_lean.scale(
+    1e-2,
+    weight_decay=0.1,
+    output_layer='wide',
+    dimension_numbers={**DIMS, 'embed': DimensionNumbers()},  # the table normalised too
+  ),
   'adamsnsm_randomized_rotate': lambda: optax_lean.adamsnsm(
     1e-2,
     rank=4,
@@ -73,6 +79,9 @@ OPTIMIZERS = {
   ),
   'adamsn_chunks': lambda: optax_lean.adamsn(
     1e-2, subset_size=64, mask=MASK, dimension_numbers=DIMS
+  ),
+  'norm_growth_limit': lambda: optax.chain(
+    optax_lean.scale_by_norm_growth_limit(mask=MASK, dimension_numbers=DIMS), optax.sgd(1e-2)
   ),
   'adamw': lambda: optax.adamw(1e-2),
 }

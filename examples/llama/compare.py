@@ -93,6 +93,35 @@ def plot(results: list[train_lib.RunResult], path: str) -> None:
   plt.close(fig)
 
 
+def state_plot(results: list[train_lib.RunResult], path: str) -> None:
+  """Final validation loss against optimizer state (percent of AdamW's), one point per run."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for result in results:
+    state = 100 * result.state_bytes / result.adamw_state_bytes
+    loss = [r for r in result.history if 'val_loss' in r][-1]['val_loss']
+    ax.scatter(state, loss)
+    ax.annotate(
+      f'{result.config.optimizer} {result.config.peak_learning_rate():g}',
+      (state, loss),
+      textcoords='offset points',
+      xytext=(4, 4),
+      fontsize=8,
+    )
+  cfg = results[0].config
+  ax.set_xlabel("optimizer state (% of AdamW's)")
+  ax.set_ylabel('final validation loss (nats/token)')
+  ax.set_title(f'LLaMA {cfg.model}, {cfg.steps} steps: each optimizer at its tuned rate')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   parser.description = __doc__.split('\n\n')[0]

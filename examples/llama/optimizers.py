@@ -75,6 +75,34 @@ def attn_mlp_kernels(params: Any) -> Any:
   )
 
 
+def kernels_and_embedding(params: Any) -> Any:
+  """SCALE's leaves: every linear kernel and the embedding table (the official ``main_params``)."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: getattr(path[-1], 'key', None) in ('kernel', 'embedding'), params
+  )
+
+
+def muon_dimension_numbers(params: Any) -> Any:
+  """Muon's reading of the linear kernels ``(…, in, out)``; ``None`` (its Adam) elsewhere."""
+
+  def reading(path, p):
+    if getattr(path[-1], 'key', None) != 'kernel':
+      return None
+    return optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1)
+
+  return jax.tree_util.tree_map_with_path(reading, params)
+
+
+# SCALE's official scripts give the AdamW leaves (norm scales) their own peak,
+# 2e-2 for the small models; the schedule keeps the shape of the main one.
+SCALE_ADAM_PEAK = 2e-2
+
+
+def scaled_schedule(schedule: optax.Schedule, peak: float, new_peak: float) -> optax.Schedule:
+  """``schedule`` rescaled so that its peak ``peak`` becomes ``new_peak``."""
+  return lambda count: schedule(count) * (new_peak / peak)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
   build: Callable[[optax.Schedule, Hyperparameters], optax.GradientTransformation]
@@ -186,6 +214,61 @@ REGISTRY: dict[str, OptimizerSpec] = {
     3e-3,
     low_rank=True,
     description='RSO as a transformation: Adam in a random subspace, reset every gap steps',
+  ),
+  'apollo': OptimizerSpec(
+    lambda lr, h: optax_lean.apollo(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      mask=attn_mlp_kernels,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype'),
+    ),
+    1e-2,
+    low_rank=True,
+    description="APOLLO: AdamW's channel-wise scaling, estimated in a random rank-r sketch",
+  ),
+  'apollo_mini': OptimizerSpec(
+    lambda lr, h: optax_lean.apollo_mini(
+      lr,
+      weight_decay=h.weight_decay,
+      update_proj_gap=h.update_proj_gap,
+      mask=attn_mlp_kernels,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype'),
+    ),
+    1e-2,
+    description='APOLLO-Mini: one scaling factor per matrix from a rank-1 sketch (scale 128)',
+  ),
+  'scale': OptimizerSpec(
+    lambda lr, h: optax_lean.scale(
+      lr,
+      weight_decay=h.weight_decay,
+      adam_learning_rate=scaled_schedule(lr, h.peak_learning_rate, SCALE_ADAM_PEAK),
+      mask=kernels_and_embedding,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype'),
+    ),
+    1e-3,
+    description='SCALE: column-normalised SGD, momentum on the output layer only',
+  ),
+  'muon': OptimizerSpec(
+    lambda lr, h: optax.contrib.muon(
+      lr,
+      weight_decay=h.weight_decay,
+      muon_weight_dimension_numbers=muon_dimension_numbers,
+      **state_dtypes(h, 'mu_dtype'),
+    ),
+    3e-2,
+    description='optax.contrib.muon: the kernels orthogonalised, Adam on the rest (peer)',
+  ),
+  'muon_bf16': OptimizerSpec(
+    lambda lr, h: optax.contrib.muon(
+      lr,
+      weight_decay=h.weight_decay,
+      muon_weight_dimension_numbers=muon_dimension_numbers,
+      mu_dtype='bfloat16',
+    ),
+    3e-2,
+    description='optax.contrib.muon with bfloat16 momentum (peer)',
   ),
   'rmsprop_sn': OptimizerSpec(
     lambda lr, h: optax_lean.rmsprop_sn(

@@ -46,8 +46,10 @@ def adam_step(
   b2: jax.typing.ArrayLike,
   eps: jax.typing.ArrayLike,
   flavour: Flavour,
+  *,
+  correct_bias: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Updates the moments with ``g`` and returns ``(direction, mu, nu)``.
+  r"""Updates the moments with ``g`` and returns ``(direction, mu, nu)``.
 
   Args:
     g: The gradient (or its projection), in any float or complex dtype.
@@ -58,9 +60,11 @@ def adam_step(
     b2: Second-moment decay.
     eps: The denominator's offset.
     flavour: ``'hf'`` or ``'torch'`` (see the module docstring).
+    correct_bias: ``False`` drops the bias corrections, :math:`m_t /
+      (\sqrt{v_t} + \epsilon)` (Hugging Face's ``correct_bias=False``).
 
   Returns:
-    The bias-corrected direction and the new moments in their compute dtype
+    The (bias-corrected) direction and the new moments in their compute dtype
     (``dtypes.compute_dtype``; the second moment in its real counterpart):
     the caller casts them back to their storage dtypes.
   """
@@ -73,7 +77,9 @@ def adam_step(
   nu = b2 * dtypes.store(nu, real) + (1 - b2) * dtypes.abs_sq(g)
   t = count_inc.astype(real)
   correction1, correction2 = 1 - b1**t, 1 - b2**t
-  if flavour == 'hf':
+  if not correct_bias:
+    direction = mu / (jnp.sqrt(nu) + eps).astype(dtype)
+  elif flavour == 'hf':
     scale = jnp.sqrt(correction2) / correction1
     direction = scale.astype(dtype) * (mu / (jnp.sqrt(nu) + eps).astype(dtype))
   else:

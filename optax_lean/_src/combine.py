@@ -232,9 +232,16 @@ def chain_with_decay_before_update(
   plain ``weight_decay=0`` the decay is an identity with the same (empty)
   state, so ``update`` then needs no ``params``.
   """
+  return optax.chain(
+    core, add_decay_before_update(weight_decay, mask), optax.scale_by_learning_rate(learning_rate)
+  )
+
+
+def add_decay_before_update(
+  weight_decay: jax.typing.ArrayLike, mask: Any | None = None
+) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights``, or (for a plain zero) an identity that needs no ``params``."""
   checks.non_negative('weight_decay', weight_decay)
   if checks.is_zero(weight_decay):
-    decay = optax.identity() if mask is None else optax.masked(optax.identity(), mask)
-  else:
-    decay = optax.add_decayed_weights(weight_decay, mask)
-  return optax.chain(core, decay, optax.scale_by_learning_rate(learning_rate))
+    return optax.identity() if mask is None else optax.masked(optax.identity(), mask)
+  return optax.add_decayed_weights(weight_decay, mask)

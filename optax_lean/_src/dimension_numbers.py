@@ -207,14 +207,25 @@ def path_str(path: tuple[Any, ...]) -> str:
   return '/'.join(path_names(path)) or '<root>'
 
 
-def _never_a_matrix(names: tuple[str, ...], leaf: Any) -> bool:
-  """Leaves no default reads as a matrix: vectors, empty leaves, biases, scales, embeddings."""
+def is_embedding(names: tuple[str, ...]) -> bool:
+  """Whether a leaf's path names an embedding table (``embed`` in a name, as official codes)."""
+  return any('embed' in name.lower() for name in names)
+
+
+def _never_a_matrix(names: tuple[str, ...], leaf: Any, embeddings: bool = False) -> bool:
+  """Leaves no default reads as a matrix: vectors, empty leaves, biases, scales, embeddings.
+
+  With ``embeddings``, a 2-D embedding table is a matrix ``(vocabulary,
+  features)``: its input side is the token.
+  """
   shape = tuple(getattr(leaf, 'shape', ()))
   if len(shape) < 2 or math.prod(shape) == 0:
     return True
+  if embeddings and is_embedding(names):
+    return len(shape) != 2
   if names and names[-1] in NOT_MATRICES:
     return True
-  return any('embed' in name.lower() for name in names)
+  return is_embedding(names)
 
 
 def _read_from_bias(shape: tuple[int, ...], bias: tuple[int, ...]) -> DimensionNumbers | None:
@@ -242,7 +253,7 @@ def _read_from_bias(shape: tuple[int, ...], bias: tuple[int, ...]) -> DimensionN
   )
 
 
-def _infer(tree: Any) -> tuple[list[DimensionNumbers | None], list[str]]:
+def _infer(tree: Any, embeddings: bool = False) -> tuple[list[DimensionNumbers | None], list[str]]:
   """The default reading of each leaf, and the paths of leaves it cannot read.
 
   Leaves that are never matrices read as ``None``; a 2-D leaf as ``(in, out)``;
@@ -260,7 +271,7 @@ def _infer(tree: Any) -> tuple[list[DimensionNumbers | None], list[str]]:
   }
   readings, undecided = [], []
   for name, (path, leaf) in zip(names, with_paths):
-    if _never_a_matrix(name, leaf):
+    if _never_a_matrix(name, leaf, embeddings):
       readings.append(None)
     elif leaf.ndim == 2:
       readings.append(DimensionNumbers())
@@ -305,11 +316,65 @@ def default_mask(params: Any) -> Any:
   return jax.tree.unflatten(treedef, [reading is not None for reading in readings])
 
 
+# Names of a language model's output layer in Flax, Equinox, Haiku and MaxText stacks.
+OUTPUT_LAYER_NAMES = (
+  'lm_head',
+  'head',
+  'unembed',
+  'unembedding',
+  'logits',
+  'logits_dense',
+  'output',
+)
+
+
+def find_output_layer(
+  tree: Any, layouts: Sequence[MatrixLayout | None]
+) -> tuple[list[int], list[int]]:
+  """The flat indices of the output layer among the matrices ``layouts`` reads.
+
+  A single matrix (no batch axes, not an embedding) named like an output layer
+  (``OUTPUT_LAYER_NAMES``, any name on its path); else the single one whose
+  output side is an embedding table's vocabulary. Several candidates raise a
+  ``ValueError`` naming them.
+
+  Args:
+    tree: Parameters or updates.
+    layouts: ``resolve_layouts``' result for ``tree``.
+
+  Returns:
+    ``(found, candidates)``: at most one index into ``jax.tree.leaves(tree)``,
+    and the indices of every matrix that could have been it.
+  """
+  with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  names = [path_names(path) for path, _ in with_paths]
+  embeddings = [i for i, layout in enumerate(layouts) if layout and is_embedding(names[i])]
+  candidates = [
+    i
+    for i, layout in enumerate(layouts)
+    if layout is not None and not layout.batch_axes and i not in embeddings
+  ]
+  vocabularies = {layouts[i].in_size for i in embeddings}
+  for rule, found in (
+    ('named like one', [i for i in candidates if set(OUTPUT_LAYER_NAMES) & set(names[i])]),
+    ('mapping to the vocabulary', [i for i in candidates if layouts[i].out_size in vocabularies]),
+  ):
+    if len(found) > 1:
+      listed = ', '.join(path_str(with_paths[i][0]) for i in found)
+      raise ValueError(
+        f'output_layer: several leaves could be the output layer ({rule}): {listed}; '
+        'name it with output_layer=.'
+      )
+    if found:
+      return found, candidates
+  return [], candidates
+
+
 def _is_spec_leaf(x: Any) -> bool:
   return x is None or isinstance(x, DimensionNumbers)
 
 
-def _broadcast_to_leaves(name: str, prefix: Any, tree: Any, is_leaf=None) -> list[Any]:
+def broadcast_to_leaves(name: str, prefix: Any, tree: Any, is_leaf=None) -> list[Any]:
   """Broadcasts a prefix tree onto the leaves of ``tree``, in leaf order."""
   try:
     full = jax.tree.map(
@@ -330,6 +395,7 @@ def resolve_layouts(
   dimension_numbers: DimensionNumbersOrFn | None = None,
   *,
   allow_vectors: bool = False,
+  embeddings: bool = False,
   warn: bool = False,
 ) -> list[MatrixLayout | None]:
   """The layout of each leaf of ``tree`` that gets the special rule.
@@ -348,6 +414,8 @@ def resolve_layouts(
     allow_vectors: Whether a selected 1-D leaf is read as one ``(1, n)``
       matrix (for rules that only need its flattened order) rather than
       rejected.
+    embeddings: Whether the default selection reads 2-D embedding tables as
+      ``(vocabulary, features)`` matrices rather than leaving them out.
     warn: Warn once about each leaf that the default rule cannot read and so
       leaves out (at ``init``).
 
@@ -359,7 +427,7 @@ def resolve_layouts(
   if not with_paths:
     return []
   if dimension_numbers is None:
-    dims, undecided = _infer(tree)
+    dims, undecided = _infer(tree, embeddings)
     if mask is None:
       selected = [dim is not None for dim in dims]
       for leaf in undecided if warn else ():
@@ -373,15 +441,15 @@ def resolve_layouts(
   else:
     if callable(dimension_numbers) and not isinstance(dimension_numbers, DimensionNumbers):
       dimension_numbers = dimension_numbers(tree)
-    dims = _broadcast_to_leaves('dimension_numbers', dimension_numbers, tree, is_leaf=_is_spec_leaf)
+    dims = broadcast_to_leaves('dimension_numbers', dimension_numbers, tree, is_leaf=_is_spec_leaf)
     if mask is None:
       selected = [
-        dim is not None and not _never_a_matrix(path_names(path), leaf)
+        dim is not None and not _never_a_matrix(path_names(path), leaf, embeddings)
         for dim, (path, leaf) in zip(dims, with_paths)
       ]
   if mask is not None:
     mask_tree = mask(tree) if callable(mask) else mask
-    selected = _broadcast_to_leaves('mask', mask_tree, tree)
+    selected = broadcast_to_leaves('mask', mask_tree, tree)
   layouts = []
   for (path, leaf), chosen, dim in zip(with_paths, selected, dims):
     shape = tuple(getattr(leaf, 'shape', ()))

@@ -110,9 +110,11 @@ def nnx_dimension_numbers(model: Any, wrt: Any = None) -> Callable[[Any], Any]:
   (so ``nnx.MultiHeadAttention``'s projections), ``nnx.Einsum``, ``nnx.Conv``
   and ``nnx.ConvTranspose`` get the ``DimensionNumbers`` their module implies,
   with any leading axes of layers stacked by ``nnx.vmap`` / ``nnx.scan`` as
-  batch axes. Everything else (biases, embeddings, norm scales, parameters of
-  other modules, 1-D or empty leaves) gets ``None``: the optimizer's plain rule,
-  or its own defaults, decide for those.
+  batch axes; an ``nnx.Embed`` table reads as ``(vocabulary, features)``, which
+  only the rules that take embeddings (``scale``) select by default.
+  Everything else (biases, norm scales, parameters of other modules, 1-D or
+  empty leaves) gets ``None``: the optimizer's plain rule, or its own
+  defaults, decide for those.
 
   The returned callable takes a tree of the model's parameters: an
   ``nnx.State`` (from ``nnx.state(model, nnx.Param)`` or ``nnx.split``), a
@@ -180,6 +182,9 @@ def nnx_dimension_numbers(model: Any, wrt: Any = None) -> Callable[[Any], Any]:
     reading = None
     if key and key[-1] == 'kernel' and len(shape) >= 2 and key[:-1] in modules:
       reading = _kernel_reading(nnx, modules[key[:-1]], shape)
+    elif key and key[-1] == 'embedding' and isinstance(modules.get(key[:-1]), nnx.Embed):
+      embed = modules[key[:-1]]  # a lookup: the token is the input side
+      reading = _reading(shape, (embed.num_embeddings, embed.features), (0,), (1,))
     table[key] = (len(shape), reading)
 
   def dimension_numbers(tree: Any) -> Any:

@@ -463,6 +463,40 @@ class RandomProjector(Projector):
 
 
 @dataclasses.dataclass(frozen=True)
+class GaussianProjector(RandomProjector):
+  """A seeded Gaussian basis with entries of variance ``1 / r``, not orthonormalised.
+
+  APOLLO's projection (``apollo_torch/random_projector.py`` of the official
+  code): a Johnson-Lindenstrauss sketch, so that column norms of the
+  projected gradient approximate the full ones. Only the PRNG key is stored,
+  a new one at each refresh. Meant for rules that only compare norms in the
+  subspace (``scale_by_apollo``); projecting back through a basis that is not
+  orthonormal is not a projection.
+
+  Attributes:
+    side: The axis the sketch reduces; default ``'smaller'``.
+    square_side: The axis of a square matrix; default ``'in'`` (the official
+      ``proj_type='std'`` sketches a square PyTorch weight's ``in`` axis).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_lean
+    >>> projector = optax_lean.GaussianProjector()
+    >>> key = jax.random.key_data(jax.random.key(0))
+    >>> projector.basis(key, (512, 4), jnp.float32).shape
+    (512, 4)
+  """
+
+  name: ClassVar[str] = 'gaussian'
+
+  def basis(self, state, shape, dtype):
+    state = sharding.spread_over_batch(state, matrix_axes=1)
+    real = dtypes.real_dtype(dtypes.compute_dtype(dtype))
+    rank = shape[-1]
+    draw = lambda key: jax.random.normal(key, shape[-2:], real) / jnp.sqrt(jnp.asarray(rank, real))
+    return per_key(draw, jax.random.wrap_key_data(state)).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class _CoordinateProjector(Projector):
   """A subset of ``r`` coordinates of the larger axis, stored as indices.
 

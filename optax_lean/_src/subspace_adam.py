@@ -118,6 +118,65 @@ def adam_matrix_step(
   return jnp.asarray(scale, dtype) * full, mu_a, nu_a
 
 
+Output = Literal['back_project', 'channel', 'tensor']
+OUTPUTS: tuple[str, ...] = ('back_project', 'channel', 'tensor')
+
+
+def scaled_gradient_step(
+  g_a: jax.Array,
+  mu_a: jax.Array,
+  nu_a: jax.Array,
+  basis: jax.Array,
+  count_inc: jax.Array,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  flavour: Flavour,
+  output: Output,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""One matrix's step that scales the full gradient by ratios estimated in the subspace.
+
+  With :math:`R = B^\top G_a`, Adam's moments of :math:`R` and their
+  direction :math:`\tilde R`,
+
+  .. math::
+    s_j = \frac{\|\tilde R_{:, j}\|}{\|R_{:, j}\| + 10^{-8}}, \qquad
+    u = G_a \,\mathrm{diag}(s)
+
+  for ``'channel'`` (one factor per column of the rows view, the axis the
+  subspace keeps), or one factor :math:`\|\tilde R\|_F / (\|R\|_F + 10^{-8})`
+  for ``'tensor'``: APOLLO's and APOLLO-Mini's rule. The ``'hf'`` flavour
+  takes :math:`\tilde R = m / (\sqrt{v} + \epsilon)` uncorrected, its bias
+  correction folded into a step size the caller applies (the official code);
+  ``'torch'`` takes the bias-corrected direction (the paper's AdamW).
+
+  Args:
+    g_a: The gradient in the rows view ``(…, size, c)``.
+    mu_a: First moment ``(…, r, c)``, in its storage dtype.
+    nu_a: Second moment, shaped like ``mu_a``.
+    basis: The basis ``(…, size, r)``, in the gradient's dtype.
+    count_inc: The 1-based step of the bias corrections.
+    b1: First-moment decay.
+    b2: Second-moment decay.
+    eps: Adam's offset, in the ``flavour``'s place.
+    flavour: ``'hf'`` (uncorrected ratios) or ``'torch'`` (corrected).
+    output: ``'channel'`` or ``'tensor'``.
+
+  Returns:
+    ``(u, m, v)`` in the compute dtype.
+  """
+  dtype = dtypes.compute_dtype(g_a.dtype, mu_a.dtype, nu_a.dtype)
+  real = dtypes.real_dtype(dtype)
+  projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
+  direction, mu_a, nu_a = adam_step(
+    projected, mu_a, nu_a, count_inc, b1, b2, eps, flavour, correct_bias=flavour == 'torch'
+  )
+  axes = (-2,) if output == 'channel' else (-2, -1)
+  norm = lambda x: jnp.sqrt(jnp.sum(dtypes.abs_sq(x), axis=axes, keepdims=True))
+  factor = norm(direction) / (norm(projected) + jnp.asarray(1e-8, real))
+  return g_a.astype(dtype) * factor.astype(dtype), mu_a, nu_a
+
+
 # A per-matrix reading of the gradient taken during the walk, before the
 # gradient's buffer takes the update: ``(g_a, basis, projector_state) -> array``.
 Observe = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -141,6 +200,7 @@ class SubspaceAdam:
   projector: proj_lib.Projector
   flavour: Flavour = 'hf'
   moments_on_refresh: Literal['keep', 'reset'] = 'keep'
+  output: Output = 'back_project'
   mask: MaskOrFn | None = None
   dimension_numbers: DimensionNumbersOrFn | None = None
   mu_dtype: jax.typing.DTypeLike | None = None
@@ -220,8 +280,12 @@ class SubspaceAdam:
           basis = plan.basis(state_m, g_a, g.dtype)
         if restart:
           mu_a, nu_a = (jnp.where(refreshed, jnp.zeros_like(x), x) for x in (mu_a, nu_a))
-        config = (self.b1, self.b2, self.eps, self.flavour, self.scale)
-        update, mu_a, nu_a = adam_matrix_step(g_a, mu_a, nu_a, basis, adam_count, *config)
+        if self.output == 'back_project':
+          config = (self.b1, self.b2, self.eps, self.flavour, self.scale)
+          update, mu_a, nu_a = adam_matrix_step(g_a, mu_a, nu_a, basis, adam_count, *config)
+        else:
+          config = (self.b1, self.b2, self.eps, self.flavour, self.output)
+          update, mu_a, nu_a = scaled_gradient_step(g_a, mu_a, nu_a, basis, adam_count, *config)
         outputs = (
           plan.matrix_rows(update),
           plan.matrix_rows(mu_a.astype(mu.dtype)),
@@ -263,6 +327,7 @@ def subspace_adam(
   checks.positive_int('rank', rank)
   moments_on_refresh = options.get('moments_on_refresh', 'keep')
   checks.one_of('moments_on_refresh', moments_on_refresh, ('keep', 'reset'))
+  checks.one_of('output', options.get('output', 'back_project'), OUTPUTS)
   if update_proj_gap is not None or moments_on_refresh == 'reset':
     checks.positive_count('update_proj_gap', update_proj_gap)
   validate_adam(b1, b2, eps)
@@ -280,6 +345,7 @@ def scale_by_subspace_adam(
   *,
   flavour: Flavour = 'hf',
   moments_on_refresh: Literal['keep', 'reset'] = 'keep',
+  output: Output = 'back_project',
   mask: MaskOrFn | None = None,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -312,6 +378,11 @@ def scale_by_subspace_adam(
       changes (GaLore), or ``'reset'`` them to zero and restart their bias
       correction: a fresh Adam per subspace (RSO). The names are those of
       ``scale_by_subspace_momentum``'s ``momentum_on_refresh``.
+    output: What a selected matrix's update is: ``'back_project'``, the
+      direction ``scale * B d`` (GaLore), or the full gradient scaled by ratios
+      estimated in the subspace (``scaled_gradient_step``), one per
+      ``'channel'`` or one per ``'tensor'`` (APOLLO, APOLLO-Mini; with the
+      ``'hf'`` flavour the caller applies the bias correction).
     mask: Leaves that get a subspace (default: ``default_mask``).
     dimension_numbers: How selected leaves read as ``(…, in, out)``.
     mu_dtype: First-moment dtype (default: the leaf's).
@@ -335,6 +406,7 @@ def scale_by_subspace_adam(
     projector,
     flavour=flavour,
     moments_on_refresh=moments_on_refresh,
+    output=output,
     mask=mask,
     dimension_numbers=dimension_numbers,
     mu_dtype=mu_dtype,
