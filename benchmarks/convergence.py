@@ -52,6 +52,11 @@ TUNED = {
   'adamsn': 3e-2,
   'adamsnsm': 3e-2,
   'galore': 1e-2,
+  'apollo': 1e-2,
+  'apollo_mini': 1e-2,
+  'scale': 3e-3,
+  'muon': 3e-2,
+  'muon_bf16': 3e-2,
 }
 # AdamSNSM variants, each at STUDY_LEARNING_RATE (the trainer's default for AdamSNSM).
 STUDY_LEARNING_RATE = 1e-2

@@ -23,7 +23,7 @@ from optax_lean._src import projectors as proj_lib
 from optax_lean._src.combine import chain_with_decay_after_update, chain_with_decay_before_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.norm_growth import scale_by_norm_growth_limit
-from optax_lean._src.subspace import plan_subspaces
+from optax_lean._src.subspace import RefreshSchedule, plan_subspaces
 from optax_lean._src.subspace_adam import scale_by_subspace_adam
 
 Rule = Literal['official', 'paper']
@@ -35,7 +35,7 @@ def scale_by_apollo(
   b2: jax.typing.ArrayLike = 0.999,
   eps: jax.typing.ArrayLike = 1e-6,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   *,
   scale_type: Literal['channel', 'tensor'] = 'channel',
   rule: Rule = 'official',
@@ -69,7 +69,8 @@ def scale_by_apollo(
     b2: Second-moment decay, in ``[0, 1)``.
     eps: Added to the root of the uncorrected second moment (official 1e-6).
     rank: ``None`` (default: 128) or the sketch's rank ``r``.
-    update_proj_gap: Steps between new sketches, ``T``.
+    update_proj_gap: Steps between new sketches, ``T``, or a schedule:
+      a function of the 0-based step count that says whether to refresh.
     scale_type: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
     rule: ``'official'`` (the official code) or ``'paper'`` (Algorithm 1).
     mask: Leaves that get the sketch (default: ``default_mask``).
@@ -96,7 +97,7 @@ def scale_by_apollo(
   """
   checks.one_of('scale_type', scale_type, ('channel', 'tensor'))
   checks.one_of('rule', rule, RULES)
-  checks.positive_count('update_proj_gap', update_proj_gap)
+  checks.refresh_gap('update_proj_gap', update_proj_gap)
   return scale_by_subspace_adam(
     b1,
     b2,
@@ -123,7 +124,7 @@ def apollo(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   scale: jax.typing.ArrayLike = 1.0,
   scale_type: Literal['channel', 'tensor'] = 'channel',
   norm_growth_limit: jax.typing.ArrayLike | None = 1.01,
@@ -171,7 +172,8 @@ def apollo(
     eps: Added to the root of the uncorrected second moment.
     weight_decay: Decoupled weight decay, ``>= 0``, of the updated parameters.
     rank: ``None`` (default: 128) or the sketch's rank.
-    update_proj_gap: Steps between new sketches.
+    update_proj_gap: Steps between new sketches, or a schedule:
+      a function of the 0-based step count that says whether to refresh.
     scale: The official ``scale``: the update of selected matrices is
       multiplied by ``sqrt(scale)`` (1 for APOLLO, 128 for APOLLO-Mini).
     scale_type: ``'channel'`` or ``'tensor'`` (see ``scale_by_apollo``).
@@ -254,7 +256,7 @@ def apollo_mini(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   scale: jax.typing.ArrayLike = 128.0,
   norm_growth_limit: jax.typing.ArrayLike | None = 1.01,
   rule: Rule = 'official',
@@ -278,7 +280,8 @@ def apollo_mini(
     eps: Added to the root of the uncorrected second moment.
     weight_decay: Decoupled weight decay, ``>= 0``.
     rank: ``None`` (default: 1, the official) or the sketch's rank.
-    update_proj_gap: Steps between new sketches.
+    update_proj_gap: Steps between new sketches, or a schedule:
+      a function of the 0-based step count that says whether to refresh.
     scale: The official ``scale`` (128; the update is multiplied by its root).
     norm_growth_limit: The limiter's ``gamma``, or ``None``.
     rule: ``'official'`` (default) or ``'paper'`` (see ``apollo``).

@@ -63,8 +63,8 @@ def positive_int(name: str, value: Any, *, static_args: tuple[str, ...] | None =
 def static_error(name: str, expected: str, static_args: tuple[str, ...]) -> ValueError:
   """The error for an array where a static Python value is needed."""
   return ValueError(
-    f'{name} must be {expected}, got an array: it sets state shapes, and '
-    'optax.inject_hyperparams turns numbers into arrays unless told otherwise; pass '
+    f'{name} must be {expected}, got an array: optax.inject_hyperparams turns numbers '
+    'and schedules into arrays unless told otherwise; pass '
     f'static_args={static_args!r}.'
   )
 
@@ -83,6 +83,22 @@ def positive_count(name: str, value: Any) -> None:
       raise ValueError(f'{name} must be an int >= 1, got {int(value)}.')
     return
   positive_int(name, value)
+
+
+def refresh_gap(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is a refresh schedule or a valid ``positive_count``.
+
+  A schedule is any callable (``count -> bool``). ``optax.inject_hyperparams``
+  calls the callables it is given and passes on their values: a boolean array
+  here is such a value, and the error names the ``static_args`` to pass.
+  """
+  if callable(value):
+    return
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(
+    jnp.result_type(value), jnp.bool_
+  ):
+    raise static_error(name, 'an int >= 1 or a refresh schedule', (name,))
+  positive_count(name, value)
 
 
 def one_of(name: str, value: Any, choices: Iterable[str]) -> None:

@@ -20,6 +20,7 @@ import optax
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.combine import chain_with_decay_after_update
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
+from optax_lean._src.subspace import RefreshSchedule
 from optax_lean._src.subspace_adam import ScaleBySubspaceAdamState, scale_by_subspace_adam
 
 ScaleByGaLoreState = ScaleBySubspaceAdamState
@@ -30,7 +31,7 @@ def scale_by_galore(
   b2: jax.typing.ArrayLike = 0.999,
   eps: jax.typing.ArrayLike = 1e-6,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   scale: jax.typing.ArrayLike = 0.25,
   projector: str | proj_lib.Projector = 'auto',
   *,
@@ -70,7 +71,8 @@ def scale_by_galore(
     eps: Added to the root of the uncorrected second moment, ``>= 0``.
     rank: ``None`` (default: 128) or the subspace rank ``r >= 1`` (clipped, with a warning, to
       ``min(in, out)``).
-    update_proj_gap: Steps ``T >= 1`` between basis refreshes.
+    update_proj_gap: Steps ``T >= 1`` between basis refreshes, or a schedule:
+      a function of the 0-based step count that says whether to refresh.
     scale: :math:`\alpha`, the factor on projected leaves' updates.
     projector: ``'auto'`` (default: ``'svd'`` on CPU, ``'randomized_svd'`` on
       GPU and TPU, see ``get_projector``), ``'svd'`` (official),
@@ -130,7 +132,7 @@ def galore(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   scale: jax.typing.ArrayLike = 0.25,
   projector: str | proj_lib.Projector = 'auto',
   mask: MaskOrFn | None = None,
@@ -175,7 +177,8 @@ def galore(
     eps: Added to the root of the uncorrected second moment, ``>= 0``.
     weight_decay: Decoupled weight decay, ``>= 0``, applied after the update.
     rank: ``None`` (default: 128) or the subspace rank.
-    update_proj_gap: Steps between basis refreshes.
+    update_proj_gap: Steps between basis refreshes, or a schedule:
+      a function of the 0-based step count that says whether to refresh.
     scale: Factor on projected leaves' updates.
     projector: ``'auto'`` (default, see ``get_projector``), ``'svd'``,
       ``'randomized_svd'``, ``'random'`` or a ``Projector``.

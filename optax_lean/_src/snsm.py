@@ -24,7 +24,7 @@ from optax_lean._src.combine import chain_with_decay_after_update, scale_by_rati
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.projectors import Projector
 from optax_lean._src.subset_norm import SubsetSize, scale_by_subset_norm
-from optax_lean._src.subspace import OnRefresh
+from optax_lean._src.subspace import OnRefresh, RefreshSchedule
 from optax_lean._src.subspace_momentum import scale_by_subspace_momentum
 
 
@@ -46,7 +46,7 @@ def adamsnsm(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   projector: str | Projector = 'auto',
   subset_size: SubsetSize = 'heuristic',
   mask: MaskOrFn | None = None,
@@ -87,7 +87,8 @@ def adamsnsm(
     weight_decay: Decoupled weight decay, applied after the update.
     rank: ``None`` (default: 128) or the subspace rank (clipped, with a warning,
       to each matrix's limit).
-    update_proj_gap: Steps between projector refreshes.
+    update_proj_gap: Steps between projector refreshes, or a schedule:
+      a function of the 0-based step count that says whether to refresh.
     projector: ``'auto'`` (default: the exact SVD on CPU, the randomized one
       on GPU and TPU, see ``get_projector``), ``'svd'``, ``'randomized_svd'``,
       ``'random'``, ``'uniform'``, ``'topk'`` or a ``Projector`` (see
@@ -363,7 +364,7 @@ def adagrad_snsm(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   subset_size: SubsetSize = 'heuristic',
   projector: str | Projector = 'auto',
   mask: MaskOrFn | None = None,
@@ -392,7 +393,8 @@ def adagrad_snsm(
     eps: Added to the root of the accumulator.
     weight_decay: Decoupled weight decay, applied after the update.
     rank: ``None`` (default: 128) or the subspace rank.
-    update_proj_gap: Steps between projector refreshes.
+    update_proj_gap: Steps between projector refreshes, or a schedule:
+      a function of the 0-based step count that says whether to refresh.
     subset_size: ``'heuristic'`` or a non-zero int.
     projector: See ``scale_by_subspace_momentum``.
     mask: Leaves that get SN/SM (default: ``default_mask``, the linear kernels).
@@ -451,7 +453,7 @@ def sgd_sm(
   weight_decay: jax.typing.ArrayLike = 0.0,
   *,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   projector: str | Projector = 'auto',
   mask: MaskOrFn | None = None,
   momentum_on_refresh: OnRefresh = 'official',
@@ -473,7 +475,8 @@ def sgd_sm(
     b1: Momentum decay, in ``[0, 1)``.
     weight_decay: Decoupled weight decay, applied after the update.
     rank: ``None`` (default: 128) or the subspace rank.
-    update_proj_gap: Steps between projector refreshes.
+    update_proj_gap: Steps between projector refreshes, or a schedule:
+      a function of the 0-based step count that says whether to refresh.
     projector: See ``scale_by_subspace_momentum``.
     mask: Leaves that get SM (default: ``default_mask``, the linear kernels).
     momentum_on_refresh: ``'official'``, ``'reset'``, ``'keep'`` or ``'rotate'``.

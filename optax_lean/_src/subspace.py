@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,11 @@ from optax_lean._src.dimension_numbers import (
 # 'keep' them, 'reset' them to zero, 'rotate' them into the new basis, or the
 # released SN-SM code's 'official' order (``scale_by_subspace_momentum``).
 OnRefresh = Literal['official', 'reset', 'keep', 'rotate']
+
+# When the bases refresh, as optax takes a schedule: a traceable function of
+# the 0-based step count returning a scalar bool. The first step always
+# refreshes (the bases start at zero).
+RefreshSchedule: TypeAlias = Callable[[jax.Array], jax.typing.ArrayLike]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,12 +270,23 @@ def refresh_projectors(
   return new_states
 
 
-def refresh_due(count: jax.Array, update_proj_gap: int, *, offset: int = 0) -> jax.Array:
+def refresh_due(
+  count: jax.Array, update_proj_gap: int | jax.Array | RefreshSchedule, *, offset: int = 0
+) -> jax.Array:
   """Whether the projector refreshes at the step with 0-based ``count``.
 
-  At the first step, and whenever ``(count + offset) % update_proj_gap == 0``.
+  At the first step, and then: for an integer gap, whenever
+  ``(count + offset) % update_proj_gap == 0``; for a schedule (``RefreshSchedule``),
+  whenever it returns true for ``count`` (``offset`` does not apply).
   ``offset=0`` is GaLore's schedule (0-based steps 0, T, 2T, ...: the
   projector sees the counter before its increment); ``offset=1`` is SN-SM's
   (1-based steps 1, T, 2T, ...: the counter after its increment).
   """
+  if callable(update_proj_gap):
+    due = jnp.asarray(update_proj_gap(count))
+    if due.shape != ():
+      raise ValueError(
+        f'update_proj_gap: a refresh schedule must return a scalar, got shape {due.shape}.'
+      )
+    return (count == 0) | due.astype(bool)
   return (count == 0) | ((count + offset) % update_proj_gap == 0)

@@ -25,6 +25,7 @@ from optax_lean._src import projectors as proj_lib
 from optax_lean._src.adam import Flavour, adam_step, validate_adam
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.subspace import (
+  RefreshSchedule,
   SubspacePlan,
   plan_subspaces,
   refresh_due,
@@ -195,7 +196,7 @@ class SubspaceAdam:
   b2: jax.typing.ArrayLike
   eps: jax.typing.ArrayLike
   rank: int
-  update_proj_gap: int | None
+  update_proj_gap: int | RefreshSchedule | None
   scale: jax.typing.ArrayLike
   projector: proj_lib.Projector
   flavour: Flavour = 'hf'
@@ -318,7 +319,7 @@ def subspace_adam(
   b2: jax.typing.ArrayLike,
   eps: jax.typing.ArrayLike,
   rank: int,
-  update_proj_gap: int | None,
+  update_proj_gap: int | RefreshSchedule | None,
   scale: jax.typing.ArrayLike,
   projector: proj_lib.Projector,
   **options: Any,
@@ -328,8 +329,11 @@ def subspace_adam(
   moments_on_refresh = options.get('moments_on_refresh', 'keep')
   checks.one_of('moments_on_refresh', moments_on_refresh, ('keep', 'reset'))
   checks.one_of('output', options.get('output', 'back_project'), OUTPUTS)
-  if update_proj_gap is not None or moments_on_refresh == 'reset':
+  if moments_on_refresh == 'reset':
+    # A fresh Adam per subspace counts its steps from the last refresh: a period.
     checks.positive_count('update_proj_gap', update_proj_gap)
+  elif update_proj_gap is not None:
+    checks.refresh_gap('update_proj_gap', update_proj_gap)
   validate_adam(b1, b2, eps)
   return SubspaceAdam(b1, b2, eps, rank, update_proj_gap, scale, projector, **options)
 
@@ -339,7 +343,7 @@ def scale_by_subspace_adam(
   b2: jax.typing.ArrayLike,
   eps: jax.typing.ArrayLike,
   rank: int,
-  update_proj_gap: int | None,
+  update_proj_gap: int | RefreshSchedule | None,
   scale: jax.typing.ArrayLike,
   projector: proj_lib.Projector,
   *,
@@ -369,8 +373,10 @@ def scale_by_subspace_adam(
     b2: Second-moment decay.
     eps: Adam's offset, in the ``flavour``'s place.
     rank: The subspace rank (clipped, with a warning, to each matrix's limit).
-    update_proj_gap: Steps between refreshes, or ``None`` for a projector
-      set at the first step only.
+    update_proj_gap: Steps between refreshes, a schedule (a function of the
+      0-based step count that says whether to refresh; not with
+      ``moments_on_refresh='reset'``), or ``None`` for a projector set at the
+      first step only.
     scale: Factor on the back-projected direction of selected leaves.
     projector: A ``Projector``.
     flavour: ``'hf'`` or ``'torch'`` Adam (see ``optax_lean._src.adam``).

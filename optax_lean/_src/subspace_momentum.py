@@ -20,6 +20,7 @@ from optax_lean._src import projectors as proj_lib
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.subspace import (
   OnRefresh,
+  RefreshSchedule,
   SubspacePlan,
   plan_subspaces,
   refresh_due,
@@ -106,7 +107,7 @@ def rotate_momentum(
 def scale_by_subspace_momentum(
   b1: jax.typing.ArrayLike = 0.9,
   rank: int | None = None,
-  update_proj_gap: int = 200,
+  update_proj_gap: int | RefreshSchedule = 200,
   projector: str | proj_lib.Projector = 'auto',
   *,
   momentum_on_refresh: OnRefresh = 'official',
@@ -152,7 +153,9 @@ def scale_by_subspace_momentum(
     rank: ``None`` (default: 128) or the subspace rank ``r >= 1``, clipped
       (with a warning) to what each matrix allows: ``min(in, out)`` for the
       SVD family, ``max(in, out)`` for coordinate subsets.
-    update_proj_gap: Steps between refreshes, ``>= 1``.
+    update_proj_gap: Steps between refreshes, ``>= 1``, or a
+      schedule: a function of the 0-based step count (``t - 1``) that says
+      whether to refresh (the first step always does).
     projector: ``'auto'`` (default: ``'svd'`` on CPU, ``'randomized_svd'``
       on GPU and TPU, see ``get_projector``), ``'svd'`` (exact,
       sign-canonicalised), ``'randomized_svd'`` (a range finder, much
@@ -191,7 +194,7 @@ def scale_by_subspace_momentum(
   rank = 128 if rank is None else rank
   checks.in_interval('b1', b1, 0.0, 1.0)
   checks.positive_int('rank', rank)
-  checks.positive_count('update_proj_gap', update_proj_gap)
+  checks.refresh_gap('update_proj_gap', update_proj_gap)
   checks.one_of('momentum_on_refresh', momentum_on_refresh, get_args(OnRefresh))
   projector = proj_lib.get_projector(projector)
   if checks.is_zero(b1):
@@ -254,7 +257,8 @@ def scale_by_subspace_momentum(
     as it is formed, and the quotient overwrites the gradient. ``refreshed``
     says whether this step refreshed the bases.
     """
-    reset = (count_inc > 1) & (count_inc % update_proj_gap == 0)
+    # The official order resets at every refresh but the first.
+    reset = refreshed & (count_inc > 1)
     if momentum_on_refresh != 'official':
       reset = jnp.zeros([], bool)
     fused = divisor is not None and divisor.layout == plan.layout
