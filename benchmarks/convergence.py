@@ -74,10 +74,6 @@ STUDY = {
 }
 
 
-def final_loss(result: train_lib.RunResult) -> float:
-  return [r for r in result.history if 'val_loss' in r][-1]['val_loss']
-
-
 def run(base: TrainConfig, name: str, lr: float, out_dir: str, **overrides) -> train_lib.RunResult:
   cfg = dataclasses.replace(base, optimizer=name, learning_rate=lr, out_dir=out_dir, **overrides)
   print(f'-- {name} lr={lr:g} {overrides or ""}', flush=True)
@@ -95,9 +91,9 @@ def sweep(base: TrainConfig, out_dir: str, names: list[str]) -> tuple[str, dict]
   for name in names:
     rates = SWEEP[name]
     runs = {lr: run(base, name, lr, f'{out_dir}/sweep/{name}-{lr:g}') for lr in rates}
-    best = min(runs, key=lambda lr: final_loss(runs[lr]))
+    best = min(runs, key=lambda lr: compare.final_val_loss(runs[lr]))
     best_runs[name] = runs[best]
-    cells = [f'{lr:g}: {final_loss(result):.4f}' for lr, result in runs.items()]
+    cells = [f'{lr:g}: {compare.final_val_loss(result):.4f}' for lr, result in runs.items()]
     cells += [''] * (columns - len(cells))
     lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {best:g} |')
   return '\n'.join(lines), best_runs

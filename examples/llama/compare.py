@@ -38,11 +38,16 @@ def steps_to_reach(history: list[dict], target: float) -> float | None:
   return None
 
 
+def final_val_loss(result: train_lib.RunResult) -> float:
+  """The validation loss of a run's last evaluation."""
+  return [r for r in result.history if 'val_loss' in r][-1]['val_loss']
+
+
 def table(results: list[train_lib.RunResult], labels: list[str] | None = None) -> str:
   """A markdown table; the first run is the reference for "steps to reach"."""
   labels = labels or [r.config.optimizer for r in results]
   reference = results[0]
-  target = [r for r in reference.history if 'val_loss' in r][-1]['val_loss']
+  target = final_val_loss(reference)
   name = reference.config.optimizer
   lines = [
     f'| optimizer | peak lr | final val loss | val ppl | steps to {name} final '
@@ -103,7 +108,7 @@ def state_plot(results: list[train_lib.RunResult], path: str) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for result in results:
     state = 100 * result.state_bytes / result.adamw_state_bytes
-    loss = [r for r in result.history if 'val_loss' in r][-1]['val_loss']
+    loss = final_val_loss(result)
     ax.scatter(state, loss)
     ax.annotate(
       f'{result.config.optimizer} {result.config.peak_learning_rate():g}',

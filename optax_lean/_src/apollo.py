@@ -12,7 +12,8 @@ and Adam's bias correction.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import functools
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,12 @@ import optax
 from optax_lean._src import checks
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.combine import chain_with_decay_after_update, chain_with_decay_before_update
-from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
+from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn, selection_mask
 from optax_lean._src.norm_growth import scale_by_norm_growth_limit
-from optax_lean._src.subspace import RefreshSchedule, plan_subspaces
+from optax_lean._src.subspace import RefreshSchedule
 from optax_lean._src.subspace_adam import scale_by_subspace_adam
 
 Rule = Literal['official', 'paper']
-RULES: tuple[str, ...] = ('official', 'paper')
 
 
 def scale_by_apollo(
@@ -96,8 +96,7 @@ def scale_by_apollo(
     <https://arxiv.org/abs/2412.05270>`_, MLSys 2025
   """
   checks.one_of('scale_type', scale_type, ('channel', 'tensor'))
-  checks.one_of('rule', rule, RULES)
-  checks.refresh_gap('update_proj_gap', update_proj_gap)
+  checks.one_of('rule', rule, get_args(Rule))
   return scale_by_subspace_adam(
     b1,
     b2,
@@ -208,7 +207,6 @@ def apollo(
     <https://arxiv.org/abs/2412.05270>`_, MLSys 2025
   """
   checks.non_negative('scale', scale)
-  rank = 128 if rank is None else rank
   core = scale_by_apollo(
     b1,
     b2,
@@ -224,9 +222,7 @@ def apollo(
     seed=seed,
   )
 
-  def selected(params):
-    plans = plan_subspaces(params, proj_lib.GaussianProjector(), rank, mask, dimension_numbers)
-    return jax.tree.unflatten(jax.tree.structure(params), [p is not None for p in plans])
+  selected = functools.partial(selection_mask, mask=mask, dimension_numbers=dimension_numbers)
 
   def factor(count):
     if rule == 'paper':

@@ -463,3 +463,19 @@ def resolve_layouts(
       except ValueError as error:
         raise ValueError(f'leaf {path_str(path)}: {error}') from None
   return layouts
+
+
+def selection_mask(
+  tree: Any,
+  mask: MaskOrFn | None = None,
+  dimension_numbers: DimensionNumbersOrFn | None = None,
+  *,
+  embeddings: bool = False,
+) -> Any:
+  """A pytree of bools shaped like ``tree``: the leaves ``resolve_layouts`` reads as matrices.
+
+  For chaining a transformation onto exactly the leaves a matrix rule took
+  (``optax.masked``, or another rule's ``mask``).
+  """
+  layouts = resolve_layouts(tree, mask, dimension_numbers, embeddings=embeddings)
+  return jax.tree.unflatten(jax.tree.structure(tree), [layout is not None for layout in layouts])

@@ -453,12 +453,18 @@ class RandomProjector(Projector):
     del g_a, rank
     return jax.random.key_data(keys)
 
-  def basis(self, state, shape, dtype):
-    # Each device draws and orthonormalises the bases of its own part of a stack.
+  def _gaussian(self, state: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Standard normal matrices of ``shape``, one per key of ``state``, in the real compute dtype.
+
+    Each device draws those of its own part of a stack.
+    """
     state = sharding.spread_over_batch(state, matrix_axes=1)
     real = dtypes.real_dtype(dtypes.compute_dtype(dtype))
     draw = lambda key: jax.random.normal(key, shape[-2:], real)
-    gaussian = per_key(draw, jax.random.wrap_key_data(state))
+    return per_key(draw, jax.random.wrap_key_data(state))
+
+  def basis(self, state, shape, dtype):
+    gaussian = self._gaussian(state, shape, dtype)
     return canonicalize_signs(orthonormal_columns(gaussian)).astype(dtype)
 
 
@@ -489,11 +495,8 @@ class GaussianProjector(RandomProjector):
   name: ClassVar[str] = 'gaussian'
 
   def basis(self, state, shape, dtype):
-    state = sharding.spread_over_batch(state, matrix_axes=1)
-    real = dtypes.real_dtype(dtypes.compute_dtype(dtype))
-    rank = shape[-1]
-    draw = lambda key: jax.random.normal(key, shape[-2:], real) / jnp.sqrt(jnp.asarray(rank, real))
-    return per_key(draw, jax.random.wrap_key_data(state)).astype(dtype)
+    gaussian = self._gaussian(state, shape, dtype)
+    return (gaussian / jnp.sqrt(jnp.asarray(shape[-1], gaussian.dtype))).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)

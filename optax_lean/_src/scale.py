@@ -11,6 +11,7 @@ square over the input side; only the output layer keeps a momentum; vectors
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ from optax_lean._src.dimension_numbers import (
   path_names,
   path_str,
   resolve_layouts,
+  selection_mask,
 )
 
 # The official ``clamp_min_(1e-8)`` of each output unit's root mean square.
@@ -325,10 +327,9 @@ def scale(
   if adam_learning_rate is None:
     return chain_with_decay_before_update(core, learning_rate, weight_decay, weight_decay_mask)
 
-  def matrices(tree):
-    layouts = resolve_layouts(tree, mask, dimension_numbers, embeddings=True)
-    return jax.tree.unflatten(jax.tree.structure(tree), [layout is not None for layout in layouts])
-
+  matrices = functools.partial(
+    selection_mask, mask=mask, dimension_numbers=dimension_numbers, embeddings=True
+  )
   others = lambda tree: jax.tree.map(lambda chosen: not chosen, matrices(tree))
   return optax.chain(
     core,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +120,6 @@ def adam_matrix_step(
 
 
 Output = Literal['back_project', 'channel', 'tensor']
-OUTPUTS: tuple[str, ...] = ('back_project', 'channel', 'tensor')
 
 
 def scaled_gradient_step(
@@ -328,7 +327,7 @@ def subspace_adam(
   checks.positive_int('rank', rank)
   moments_on_refresh = options.get('moments_on_refresh', 'keep')
   checks.one_of('moments_on_refresh', moments_on_refresh, ('keep', 'reset'))
-  checks.one_of('output', options.get('output', 'back_project'), OUTPUTS)
+  checks.one_of('output', options.get('output', 'back_project'), get_args(Output))
   if moments_on_refresh == 'reset':
     # A fresh Adam per subspace counts its steps from the last refresh: a period.
     checks.positive_count('update_proj_gap', update_proj_gap)
