@@ -1,13 +1,14 @@
 """optax_lean: memory-lean optimizers as composable optax transformations."""
 
 from optax_lean._src.apollo import apollo, apollo_mini, scale_by_apollo
+from optax_lean._src.axis_names import AXIS_ROLES, axis_names_dimension_numbers
 from optax_lean._src.combine import (
   AddDecayedWeightsAfterUpdateState,
   ScaleByRatioState,
   add_decayed_weights_after_update,
   scale_by_ratio,
 )
-from optax_lean._src.dimension_numbers import DimensionNumbers, default_mask
+from optax_lean._src.dimension_numbers import DimensionNumbers
 from optax_lean._src.galore import ScaleByGaLoreState, galore, scale_by_galore
 from optax_lean._src.layers import layer_axes, merge_layers, split_layers, update_layer
 from optax_lean._src.ldadam import ScaleByLDAdamState, ldadam, scale_by_ldadam
@@ -33,6 +34,7 @@ from optax_lean._src.projectors import (
 )
 from optax_lean._src.rso import ScaleByRandomSubspaceState, rso, scale_by_random_subspace
 from optax_lean._src.scale import ScaleByColumnNormState, scale, scale_by_column_norm
+from optax_lean._src.selection import default_mask, stacked_dimension_numbers
 from optax_lean._src.sharding import state_sharding
 from optax_lean._src.snsm import adagrad_sn, adagrad_snsm, adamsn, adamsnsm, rmsprop_sn, sgd_sm
 from optax_lean._src.subset_norm import ScaleBySubsetNormState, scale_by_subset_norm
@@ -45,6 +47,7 @@ from optax_lean._src.subspace_momentum import (
 __version__ = '0.1.0'
 
 __all__ = (
+  'AXIS_ROLES',
   'PROJECTORS',
   'AddDecayedWeightsAfterUpdateState',
   'DimensionNumbers',
@@ -73,6 +76,7 @@ __all__ = (
   'add_decayed_weights_after_update',
   'apollo',
   'apollo_mini',
+  'axis_names_dimension_numbers',
   'default_mask',
   'galore',
   'get_projector',
@@ -96,6 +100,7 @@ __all__ = (
   'scale_by_subspace_momentum',
   'sgd_sm',
   'split_layers',
+  'stacked_dimension_numbers',
   'state_bytes',
   'state_bytes_by_kind',
   'state_bytes_by_leaf',

@@ -14,9 +14,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 import optax_lean
+from optax_lean._src.dimension_numbers import path_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,3 +125,13 @@ def public_optimizers() -> list[str]:
     and inspect.isfunction(getattr(optax_lean, name))
     and takes_rate(getattr(optax_lean, name))
   ]
+
+
+def projected_leaves(state) -> set[str]:
+  """Paths of the parameter leaves that hold a projector in ``state`` (any family member's)."""
+  paths = set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]:
+    names = [getattr(key, 'name', None) for key in path]
+    if 'projector' in names:
+      paths.add('/'.join(path_names(path[names.index('projector') + 1 :])))
+  return paths

@@ -29,6 +29,8 @@ NO_PAPER = {
   'merge_layers',
   'split_layers',
   'nnx_dimension_numbers',
+  'axis_names_dimension_numbers',
+  'stacked_dimension_numbers',
   'state_bytes',
   'state_bytes_by_kind',
   'state_bytes_by_leaf',

@@ -19,8 +19,9 @@ from flax import nnx
 import optax_lean
 from examples.llama import configs as llama_configs
 from examples.llama import model as llama_model
-from optax_lean._src.dimension_numbers import path_names, resolve_layouts
-from tests.family import FAMILY, LOW_RANK
+from optax_lean._src.dimension_numbers import path_names
+from optax_lean._src.selection import resolve_layouts
+from tests.family import FAMILY, LOW_RANK, projected_leaves
 
 
 class Stack(nnx.Module):
@@ -107,16 +108,6 @@ def test_default_reads_every_standard_layout():
     warnings.simplefilter('error')
     views = matrix_views(optax_lean.adamsnsm(1e-2, rank=2), params)
   assert views == SELECTED
-
-
-def projected_leaves(state) -> set[str]:
-  """Paths of the parameter leaves that hold a projector in ``state`` (any family member's)."""
-  paths = set()
-  for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]:
-    names = [getattr(key, 'name', None) for key in path]
-    if 'projector' in names:
-      paths.add('/'.join(path_names(path[names.index('projector') + 1 :])))
-  return paths
 
 
 @pytest.mark.parametrize('name', LOW_RANK)

@@ -8,8 +8,9 @@ from flax import nnx
 import optax_lean
 from examples.llama import configs as llama_configs
 from examples.llama import model as llama_model
-from optax_lean._src.dimension_numbers import DimensionNumbers, MatrixLayout, resolve_layouts
+from optax_lean._src.dimension_numbers import DimensionNumbers, MatrixLayout
 from optax_lean._src.nnx_layouts import nnx_dimension_numbers
+from optax_lean._src.selection import resolve_layouts
 
 DN = DimensionNumbers
 

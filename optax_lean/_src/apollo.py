@@ -22,8 +22,9 @@ import optax
 from optax_lean._src import checks
 from optax_lean._src import projectors as proj_lib
 from optax_lean._src.combine import chain_with_decay_after_update, chain_with_decay_before_update
-from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn, selection_mask
+from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.norm_growth import scale_by_norm_growth_limit
+from optax_lean._src.selection import selection_mask
 from optax_lean._src.subspace import RefreshSchedule
 from optax_lean._src.subspace_adam import scale_by_subspace_adam
 

@@ -20,8 +20,6 @@ import jax
 import optax
 from jax.sharding import PartitionSpec
 
-from optax_lean._src import warn as warn_lib
-
 Axes = int | Sequence[int]
 
 
@@ -179,9 +177,6 @@ class MatrixLayout:
     return y.reshape(permuted).transpose(inverse)
 
 
-NOT_MATRICES = ('bias', 'scale', 'embedding')
-
-
 def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
   """The names along a key path, without the ``.value`` of an NNX ``Variable``.
 
@@ -210,110 +205,6 @@ def path_str(path: tuple[Any, ...]) -> str:
 def is_embedding(names: tuple[str, ...]) -> bool:
   """Whether a leaf's path names an embedding table (``embed`` in a name, as official codes)."""
   return any('embed' in name.lower() for name in names)
-
-
-def _never_a_matrix(names: tuple[str, ...], leaf: Any, embeddings: bool = False) -> bool:
-  """Leaves no default reads as a matrix: vectors, empty leaves, biases, scales, embeddings.
-
-  With ``embeddings``, a 2-D embedding table is a matrix ``(vocabulary,
-  features)``: its input side is the token.
-  """
-  shape = tuple(getattr(leaf, 'shape', ()))
-  if len(shape) < 2 or math.prod(shape) == 0:
-    return True
-  if embeddings and is_embedding(names):
-    return len(shape) != 2
-  if names and names[-1] in NOT_MATRICES:
-    return True
-  return is_embedding(names)
-
-
-def _read_from_bias(shape: tuple[int, ...], bias: tuple[int, ...]) -> DimensionNumbers | None:
-  """The reading of a kernel ``shape`` that its sibling ``bias`` singles out, if one does.
-
-  A bias has the kernel's batch axes followed by its output axes, so every
-  split ``shape = batch + in + out`` with ``bias = batch + out`` is a reading;
-  exactly one must exist (``(L, in, out)`` with bias ``(L, out)``; attention's
-  ``(in, heads, head_dim)`` with ``(heads, head_dim)``; a convolution's
-  ``(kh, kw, in, out)`` with ``(out,)``).
-  """
-  ndim = len(shape)
-  readings = []
-  for n_batch in range(len(bias)):
-    n_out = len(bias) - n_batch
-    n_in = ndim - n_batch - n_out
-    if n_in >= 1 and bias == shape[:n_batch] + shape[ndim - n_out :]:
-      readings.append((n_batch, n_in))
-  if len(readings) != 1:
-    return None
-  n_batch, n_in = readings[0]
-  return DimensionNumbers(
-    axes_field(tuple(range(n_batch, n_batch + n_in))),
-    axes_field(tuple(range(n_batch + n_in, ndim))),
-  )
-
-
-def _infer(tree: Any, embeddings: bool = False) -> tuple[list[DimensionNumbers | None], list[str]]:
-  """The default reading of each leaf, and the paths of leaves it cannot read.
-
-  Leaves that are never matrices read as ``None``; a 2-D leaf as ``(in, out)``;
-  a leaf of more axes as its sibling ``bias`` singles out. A leaf of more axes
-  without one is undecidable: stacked layers ``(L, in, out)``, attention
-  kernels ``(in, heads, head_dim)`` and convolutions ``(k, in, out)`` all look
-  alike.
-  """
-  with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-  names = [path_names(path) for path, _ in with_paths]
-  biases = {
-    name[:-1]: tuple(leaf.shape)
-    for name, (_, leaf) in zip(names, with_paths)
-    if name and name[-1] == 'bias' and hasattr(leaf, 'shape')
-  }
-  readings, undecided = [], []
-  for name, (path, leaf) in zip(names, with_paths):
-    if _never_a_matrix(name, leaf, embeddings):
-      readings.append(None)
-    elif leaf.ndim == 2:
-      readings.append(DimensionNumbers())
-    else:
-      bias = biases.get(name[:-1])
-      reading = None if bias is None else _read_from_bias(tuple(leaf.shape), bias)
-      if reading is None:
-        undecided.append(f'{path_str(path)} {tuple(leaf.shape)}')
-      readings.append(reading)
-  return readings, undecided
-
-
-def default_mask(params: Any) -> Any:
-  """The default choice of leaves for the special (SN/SM, subspace) rule.
-
-  Every leaf read as a matrix by default: the 2-D leaves and the kernels of more
-  axes whose sibling ``bias`` tells how they read (stacks of ``nnx.Linear``,
-  ``nnx.MultiHeadAttention``, ``nnx.LinearGeneral``, ``nnx.Conv``). Never a
-  leaf named ``bias``, ``scale`` or ``embedding``, nor one whose path contains
-  ``embed`` (case-insensitive, as in the official code), nor a vector or an empty
-  leaf. Kernels of more than 2 axes without a bias are left out (optimizers warn,
-  naming them): read an NNX model's with ``nnx_dimension_numbers``, or pass
-  ``mask`` and ``dimension_numbers``.
-
-  Args:
-    params: A pytree of arrays or ``jax.ShapeDtypeStruct``.
-
-  Returns:
-    A pytree of bools with the structure of ``params``.
-
-  Examples:
-    >>> import jax.numpy as jnp, optax_lean
-    >>> mask = optax_lean.default_mask({
-    ...     'embed': jnp.zeros((10, 4)),
-    ...     'dense': {'kernel': jnp.zeros((4, 4)), 'bias': jnp.zeros(4)},
-    ...     'stack': {'kernel': jnp.zeros((3, 4, 4)), 'bias': jnp.zeros((3, 4))}})
-    >>> mask['dense'], mask['embed'], mask['stack']
-    ({'bias': False, 'kernel': True}, False, {'bias': False, 'kernel': True})
-  """
-  readings, _ = _infer(params)
-  treedef = jax.tree.structure(params)
-  return jax.tree.unflatten(treedef, [reading is not None for reading in readings])
 
 
 # Names of a language model's output layer in Flax, Equinox, Haiku and MaxText stacks.
@@ -370,7 +261,16 @@ def find_output_layer(
   return [], candidates
 
 
-def _is_spec_leaf(x: Any) -> bool:
+def is_tree_function(x: Any) -> bool:
+  """Whether a ``mask`` or ``dimension_numbers`` argument is a function of the params.
+
+  A callable that is itself a pytree (an Equinox module holding a mask, which
+  is callable for its ``__call__``) is a tree, not a function.
+  """
+  return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
+
+
+def is_spec_leaf(x: Any) -> bool:
   return x is None or isinstance(x, DimensionNumbers)
 
 
@@ -387,95 +287,3 @@ def broadcast_to_leaves(name: str, prefix: Any, tree: Any, is_leaf=None) -> list
       f'{name} must be a pytree prefix of the params (or a callable returning one); '
       f'got {structure} for params {jax.tree.structure(tree)}.'
     ) from error
-
-
-def resolve_layouts(
-  tree: Any,
-  mask: MaskOrFn | None = None,
-  dimension_numbers: DimensionNumbersOrFn | None = None,
-  *,
-  allow_vectors: bool = False,
-  embeddings: bool = False,
-  warn: bool = False,
-) -> list[MatrixLayout | None]:
-  """The layout of each leaf of ``tree`` that gets the special rule.
-
-  Args:
-    tree: Parameters or updates (arrays or shape-dtype structs).
-    mask: Which leaves get the special rule: a pytree (or prefix) of bools or
-      a callable returning one. ``None``: the leaves ``dimension_numbers``
-      reads as matrices when it is given (never biases, scales, embeddings,
-      vectors or empty leaves), else ``default_mask``.
-    dimension_numbers: How selected leaves read as matrices: one
-      ``DimensionNumbers`` for all, a pytree (or prefix) of them (``None``: not
-      a matrix), or a callable returning one. ``None`` means the default
-      reading (``default_mask``); selected leaves it cannot read take the last
-      two axes, any others batch.
-    allow_vectors: Whether a selected 1-D leaf is read as one ``(1, n)``
-      matrix (for rules that only need its flattened order) rather than
-      rejected.
-    embeddings: Whether the default selection reads 2-D embedding tables as
-      ``(vocabulary, features)`` matrices rather than leaving them out.
-    warn: Warn once about each leaf that the default rule cannot read and so
-      leaves out (at ``init``).
-
-  Returns:
-    A list aligned with ``jax.tree.leaves(tree)``: a ``MatrixLayout`` for each
-    selected leaf and ``None`` for the others.
-  """
-  with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if not with_paths:
-    return []
-  if dimension_numbers is None:
-    dims, undecided = _infer(tree, embeddings)
-    if mask is None:
-      selected = [dim is not None for dim in dims]
-      for leaf in undecided if warn else ():
-        warn_lib.warn(
-          f'optax_lean: cannot tell how the leaf {leaf} reads as a matrix (stacked '
-          'layers, attention and convolution kernels look alike without a bias), so it '
-          'gets the plain rule; pass dimension_numbers=optax_lean.nnx_dimension_numbers(model) '
-          'for an NNX model, or mask= and dimension_numbers=.'
-        )
-    dims = [DimensionNumbers() if dim is None else dim for dim in dims]
-  else:
-    if callable(dimension_numbers) and not isinstance(dimension_numbers, DimensionNumbers):
-      dimension_numbers = dimension_numbers(tree)
-    dims = broadcast_to_leaves('dimension_numbers', dimension_numbers, tree, is_leaf=_is_spec_leaf)
-    if mask is None:
-      selected = [
-        dim is not None and not _never_a_matrix(path_names(path), leaf, embeddings)
-        for dim, (path, leaf) in zip(dims, with_paths)
-      ]
-  if mask is not None:
-    mask_tree = mask(tree) if callable(mask) else mask
-    selected = broadcast_to_leaves('mask', mask_tree, tree)
-  layouts = []
-  for (path, leaf), chosen, dim in zip(with_paths, selected, dims):
-    shape = tuple(getattr(leaf, 'shape', ()))
-    if not chosen or dim is None or math.prod(shape) == 0:
-      layouts.append(None)
-    elif allow_vectors and len(shape) == 1:
-      layouts.append(MatrixLayout.vector(shape))
-    else:
-      try:
-        layouts.append(MatrixLayout.from_dimension_numbers(shape, dim))
-      except ValueError as error:
-        raise ValueError(f'leaf {path_str(path)}: {error}') from None
-  return layouts
-
-
-def selection_mask(
-  tree: Any,
-  mask: MaskOrFn | None = None,
-  dimension_numbers: DimensionNumbersOrFn | None = None,
-  *,
-  embeddings: bool = False,
-) -> Any:
-  """A pytree of bools shaped like ``tree``: the leaves ``resolve_layouts`` reads as matrices.
-
-  For chaining a transformation onto exactly the leaves a matrix rule took
-  (``optax.masked``, or another rule's ``mask``).
-  """
-  layouts = resolve_layouts(tree, mask, dimension_numbers, embeddings=embeddings)
-  return jax.tree.unflatten(jax.tree.structure(tree), [layout is not None for layout in layouts])

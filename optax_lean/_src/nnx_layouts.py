@@ -13,11 +13,12 @@ without it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
 
+from optax_lean._src.axis_names import carried_axis_names, check_roles, read_names
 from optax_lean._src.dimension_numbers import DimensionNumbers, axes_field, path_names
 
 Path = tuple[str, ...]
@@ -103,7 +104,9 @@ def _kernel_reading(nnx: Any, module: Any, shape: tuple[int, ...]) -> DimensionN
   return None
 
 
-def nnx_dimension_numbers(model: Any, wrt: Any = None) -> Callable[[Any], Any]:
+def nnx_dimension_numbers(
+  model: Any, wrt: Any = None, *, roles: Mapping[str, str] | None = None
+) -> Callable[[Any], Any]:
   """How each parameter of a Flax NNX model reads as a matrix, from its modules.
 
   The model is read once: the kernels of ``nnx.Linear``, ``nnx.LinearGeneral``
@@ -112,8 +115,11 @@ def nnx_dimension_numbers(model: Any, wrt: Any = None) -> Callable[[Any], Any]:
   with any leading axes of layers stacked by ``nnx.vmap`` / ``nnx.scan`` as
   batch axes; an ``nnx.Embed`` table reads as ``(vocabulary, features)``, which
   only the rules that take embeddings (``scale``) select by default.
-  Everything else (biases, norm scales, parameters of other modules, 1-D or
-  empty leaves) gets ``None``: the optimizer's plain rule, or its own
+  A parameter of another module reads from its axis names, when its
+  ``nnx.Variable`` has them (``out_sharding`` metadata, as
+  ``nnx.with_partitioning`` sets; see ``axis_names_dimension_numbers``).
+  Everything else (biases, norm scales, unnamed parameters of other modules,
+  1-D or empty leaves) gets ``None``: the optimizer's plain rule, or its own
   defaults, decide for those.
 
   The returned callable takes a tree of the model's parameters: an
@@ -128,6 +134,8 @@ def nnx_dimension_numbers(model: Any, wrt: Any = None) -> Callable[[Any], Any]:
     model: An ``nnx.Module``.
     wrt: An ``nnx`` filter of the variables that are parameters (default
       ``nnx.Param``).
+    roles: Axis names to add to ``AXIS_ROLES`` or to override in it, for
+      parameters read from their names.
 
   Returns:
     A callable from a parameter tree to a tree of ``DimensionNumbers`` or
@@ -175,16 +183,21 @@ def nnx_dimension_numbers(model: Any, wrt: Any = None) -> Callable[[Any], Any]:
   }
   # path -> (number of axes, reading) of every parameter
   table: dict[Path, tuple[int, DimensionNumbers | None]] = {}
+  table_of_roles = check_roles(roles)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
   params = nnx.state(model, wrt)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  for path, variable in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]:
     key = path_names(path)
-    shape = tuple(getattr(leaf, 'shape', ()))
+    shape = tuple(getattr(variable.get_value(), 'shape', ()))
     reading = None
     if key and key[-1] == 'kernel' and len(shape) >= 2 and key[:-1] in modules:
       reading = _kernel_reading(nnx, modules[key[:-1]], shape)
     elif key and key[-1] == 'embedding' and isinstance(modules.get(key[:-1]), nnx.Embed):
       embed = modules[key[:-1]]  # a lookup: the token is the input side
       reading = _reading(shape, (embed.num_embeddings, embed.features), (0,), (1,))
+    names = carried_axis_names(variable)
+    if reading is None and names is not None:
+      reading = read_names(names, table_of_roles)
     table[key] = (len(shape), reading)
 
   def dimension_numbers(tree: Any) -> Any:

@@ -22,8 +22,8 @@ from optax_lean._src.dimension_numbers import (
   DimensionNumbersOrFn,
   MaskOrFn,
   MatrixLayout,
-  resolve_layouts,
 )
+from optax_lean._src.selection import resolve_layouts
 
 
 class ScaleByNormGrowthLimitState(NamedTuple):

@@ -31,11 +31,11 @@ from optax_lean._src.dimension_numbers import (
   MatrixLayout,
   broadcast_to_leaves,
   find_output_layer,
+  is_tree_function,
   path_names,
   path_str,
-  resolve_layouts,
-  selection_mask,
 )
+from optax_lean._src.selection import resolve_layouts, selection_mask
 
 # The official ``clamp_min_(1e-8)`` of each output unit's root mean square.
 RMS_FLOOR = 1e-8
@@ -105,7 +105,7 @@ def _output_leaves(
     if not any(chosen) and any(path for path, _ in with_paths):  # a lone array has no names
       raise ValueError(f'output_layer: {output_layer!r} names no leaf of the params.')
   else:
-    mask = output_layer(tree) if callable(output_layer) else output_layer
+    mask = output_layer(tree) if is_tree_function(output_layer) else output_layer
     chosen = broadcast_to_leaves('output_layer', mask, tree)
   found = {i for i, c in enumerate(chosen) if c}
   unread = [path_str(with_paths[i][0]) for i in sorted(found) if layouts[i] is None]

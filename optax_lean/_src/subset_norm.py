@@ -22,8 +22,8 @@ from optax_lean._src.dimension_numbers import (
   DimensionNumbersOrFn,
   MaskOrFn,
   MatrixLayout,
-  resolve_layouts,
 )
+from optax_lean._src.selection import resolve_layouts
 
 SubsetSize = str | int
 HEURISTIC = 'heuristic'

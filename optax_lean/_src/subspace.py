@@ -28,8 +28,8 @@ from optax_lean._src.dimension_numbers import (
   MaskOrFn,
   MatrixLayout,
   path_str,
-  resolve_layouts,
 )
+from optax_lean._src.selection import resolve_layouts
 
 # What moments do when the basis changes, one vocabulary for every engine:
 # 'keep' them, 'reset' them to zero, 'rotate' them into the new basis, or the
