@@ -32,6 +32,7 @@ from optax_lean._src.projectors import (
   UniformProjector,
   get_projector,
 )
+from optax_lean._src.quantization import QuantizedArray, QuantizedState, quantize_state
 from optax_lean._src.rso import ScaleByRandomSubspaceState, rso, scale_by_random_subspace
 from optax_lean._src.scale import ScaleByColumnNormState, scale, scale_by_column_norm
 from optax_lean._src.selection import default_mask, stacked_dimension_numbers
@@ -54,6 +55,8 @@ __all__ = (
   'GaussianProjector',
   'PowerIterationProjector',
   'Projector',
+  'QuantizedArray',
+  'QuantizedState',
   'RandomProjector',
   'RandomizedSVDProjector',
   'SVDProjector',
@@ -85,6 +88,7 @@ __all__ = (
   'merge_layers',
   'nnx_dimension_numbers',
   'online_subspace_descent',
+  'quantize_state',
   'rmsprop_sn',
   'rso',
   'scale',

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+import optax_lean
 from examples.llama import data as data_lib
 from examples.llama import optimizers, rso_layers
 from examples.llama import run as run_lib
@@ -158,9 +159,21 @@ def test_eight_devices_agree_with_one(corpus, tmp_path):
   )
 
 
-@pytest.mark.parametrize('options', [{}, {'scan_layers': True, 'grad_accum': 2}])
+@pytest.mark.parametrize(
+  'options',
+  [
+    {},
+    {'scan_layers': True, 'grad_accum': 2},
+    {'scan_layers': True, 'optimizer': 'adamw', 'state_dtype': 'int8'},
+  ],
+  ids=['plain', 'scan-accumulate', 'int8-states'],
+)
 def test_resume_is_bit_exact(corpus, tmp_path, options):
   straight = train_lib.train(toy_config(corpus, tmp_path / 'straight', **options))
+  if options.get('state_dtype') == 'int8':  # the stacked (2, 32, 64) moments are in bytes
+    is_quantized = lambda x: isinstance(x, optax_lean.QuantizedArray)
+    leaves = jax.tree.leaves(straight.final_state.opt_state, is_leaf=is_quantized)
+    assert sum(map(is_quantized, leaves)) >= 6
   ckpt = tmp_path / 'ckpt'
   train_lib.train(toy_config(corpus, tmp_path / 'first', checkpoint_dir=str(ckpt), **options))
   shutil.rmtree(ckpt / '6')  # as if the run had died after its step-4 checkpoint

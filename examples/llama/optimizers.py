@@ -40,7 +40,8 @@ class Hyperparameters:
   state_dtype: str | None = None  # e.g. 'bfloat16' for every state; None: the parameters'
 
 
-STATE_DTYPES = ('bfloat16', 'float32')
+# 'int8': the moments in 8 bits (optax_lean.quantize_state), the rest of the state float32.
+STATE_DTYPES = ('bfloat16', 'float32', 'int8')
 
 
 def state_dtypes(h: Hyperparameters, *fields: str) -> dict[str, str]:
@@ -343,4 +344,7 @@ def build(name: str, schedule: optax.Schedule, hparams: Hyperparameters):
   """The named optimizer; ``ValueError`` listing the choices if unknown."""
   if name not in REGISTRY:
     raise ValueError(f'unknown optimizer {name!r}; choose one of {", ".join(REGISTRY)}')
+  if hparams.state_dtype == 'int8':
+    float_state = dataclasses.replace(hparams, state_dtype=None)
+    return optax_lean.quantize_state(REGISTRY[name].build(schedule, float_state))
   return REGISTRY[name].build(schedule, hparams)
