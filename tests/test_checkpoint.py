@@ -56,6 +56,10 @@ OPTIMIZERS = {
   'ldadam_svd_no_error_feedback': lambda: optax_lean.ldadam(
     1e-2, rank=2, projector='svd', error_feedback=False
   ),
+  'adamw_8bit_states': lambda: optax_lean.quantize_state(optax.adamw(1e-2), min_size=4),
+  'adamsnsm_8bit_states': lambda: optax_lean.quantize_state(
+    optax_lean.adamsnsm(1e-2, rank=2, update_proj_gap=GAP), min_size=4
+  ),
 }
 
 

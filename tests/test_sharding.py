@@ -84,6 +84,11 @@ OPTIMIZERS = {
     optax_lean.scale_by_norm_growth_limit(mask=MASK, dimension_numbers=DIMS), optax.sgd(1e-2)
   ),
   'adamw': lambda: optax.adamw(1e-2),
+  'adamw_8bit_states': lambda: optax_lean.quantize_state(optax.adamw(1e-2), min_size=16),
+  'adamsnsm_8bit_states': lambda: optax_lean.quantize_state(
+    optax_lean.adamsnsm(1e-2, rank=4, update_proj_gap=GAP, mask=MASK, dimension_numbers=DIMS),
+    min_size=16,
+  ),
 }
 
 
