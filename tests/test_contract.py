@@ -24,6 +24,20 @@ import optax_lean
 from tests.family import FAMILY, REAL_ONLY
 
 GAP = 5
+
+
+def eight_bit(factory):
+  """``factory`` with its moments in 8 bits, however small (``quantize_state``)."""
+
+  def make_8bit(
+    learning_rate: optax.ScalarOrSchedule, rank: int, update_proj_gap: int
+  ) -> optax.GradientTransformationExtraArgs:
+    inner = factory(learning_rate, rank=rank, update_proj_gap=update_proj_gap)
+    return optax_lean.quantize_state(inner, min_size=1)
+
+  return make_8bit
+
+
 # Every optimizer of the family at the contract's size, and variants of it.
 BASE = {
   name: (member.factory, dict(learning_rate=member.learning_rate, **member.sizes(gap=GAP)))
@@ -53,6 +67,14 @@ VARIANTS = {
     dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP, projector='uniform', subset_size=-2),
   ),
   'scale_head': (optax_lean.scale, dict(learning_rate=1e-2, output_layer='kernel')),
+  'adamsnsm_8bit_states': (
+    eight_bit(optax_lean.adamsnsm),
+    dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP),
+  ),
+  'galore_8bit_states': (
+    eight_bit(optax_lean.galore),
+    dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP),
+  ),
 }
 ALIASES = {**BASE, **VARIANTS}
 STATIC_ARGS = ('rank', 'update_proj_gap', 'subset_size', 'projector', 'momentum_on_refresh')

@@ -180,3 +180,25 @@ def test_quantize_state_refuses_bad_arguments_in_one_line():
     optax_lean.quantize_state(optax.adamw(1e-3), block_size=0)
   with pytest.raises(ValueError, match=r"fields \['mu'\] are both signed and unsigned"):
     optax_lean.quantize_state(optax.adamw(1e-3), unsigned_fields=('mu', 'nu'))
+
+
+def test_every_input_kind_is_quantised_or_kept_as_is():
+  params = {
+    'complex': jnp.ones((3, 4), jnp.complex64),
+    'half': jnp.ones((3, 4), jnp.float16),
+    'bf16': jnp.ones((3, 4), jnp.bfloat16),
+    'empty': jnp.ones((0, 4)),
+    'scalar': jnp.float32(2.0),
+  }
+  tx = optax_lean.quantize_state(optax.adamw(1e-2), min_size=1)
+  grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.5, params)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert jax.tree.map(lambda x: x.dtype, updates) == jax.tree.map(lambda x: x.dtype, params)
+  assert set(quantized_leaves(state)) == {
+    f".inner[0].{field}['{name}']" for field in ('mu', 'nu') for name in ('half', 'bf16')
+  }
+  mu = state.inner[0].mu
+  assert mu['half'].dtype == 'float16' and mu['complex'].dtype == jnp.complex64
+  reference = optax.adamw(1e-2).update(grads, optax.adamw(1e-2).init(params), params)[0]
+  # One step of equal gradients: every moment is its block's largest, which the map keeps exactly.
+  chex.assert_trees_all_close(updates, reference, rtol=1e-6)
