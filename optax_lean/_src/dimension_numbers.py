@@ -64,6 +64,17 @@ def axes_field(axes: tuple[int, ...]) -> Axes:
   return axes[0] if len(axes) == 1 else axes
 
 
+def placed(in_axes: Axes, out_axes: Axes, axes: Sequence[int]) -> DimensionNumbers:
+  """The reading of a leaf whose own axes ``0, 1, …`` are its axes ``axes``.
+
+  ``in_axes`` and ``out_axes`` index the leaf's own axes (a layer's kernel);
+  ``axes`` says where each of them sits in the stored leaf, whose other axes
+  (the layers of a stack) are batch axes.
+  """
+  where = lambda own: axes_field(tuple(axes[a] for a in ((own,) if isinstance(own, int) else own)))
+  return DimensionNumbers(where(in_axes), where(out_axes))
+
+
 def _as_axes(axes: Axes, ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
   for axis in axes:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 
 from optax_lean._src.axis_names import carried_axis_names, excludes, read_names
-from optax_lean._src.dimension_numbers import DimensionNumbers, axes_field, path_names
+from optax_lean._src.dimension_numbers import DimensionNumbers, axes_field, path_names, placed
 
 
 class NodeReading(NamedTuple):
@@ -107,11 +107,7 @@ def _stacked(own_ndim: int, ndim: int, in_axes: tuple[int, ...], out_axes: tuple
   stack = ndim - own_ndim
   if stack < 0:
     return NOT_A_MATRIX
-  return NodeReading(
-    DimensionNumbers(
-      axes_field(tuple(stack + a for a in in_axes)), axes_field(tuple(stack + a for a in out_axes))
-    )
-  )
+  return NodeReading(placed(in_axes, out_axes, range(stack, ndim)))
 
 
 def _equinox_reading(kind: str, module: Any, name: str, ndim: int) -> NodeReading:

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from optax_lean._src.axis_names import carried_axis_names, check_roles, read_names
-from optax_lean._src.dimension_numbers import DimensionNumbers, axes_field, path_names
+from optax_lean._src.dimension_numbers import DimensionNumbers, path_names, placed
 
 Path = tuple[str, ...]
 _NAME = 'nnx_dimension_numbers'
@@ -38,9 +38,7 @@ def _reading(
   stack = len(shape) - len(own_shape)
   if stack < 0 or tuple(shape[stack:]) != tuple(own_shape) or not in_axes or not out_axes:
     return None
-  return DimensionNumbers(
-    axes_field(tuple(stack + a for a in in_axes)), axes_field(tuple(stack + a for a in out_axes))
-  )
+  return placed(in_axes, out_axes, range(stack, len(shape)))
 
 
 def _einsum_axes(einsum_str: Any, n_kernel: int) -> tuple[list[int], list[int]] | None:

@@ -38,6 +38,7 @@ from optax_lean._src.dimension_numbers import (
   is_tree_function,
   path_names,
   path_str,
+  placed,
 )
 from optax_lean._src.library_layouts import (
   is_known_node,
@@ -94,10 +95,6 @@ def _without(shape: tuple[int, ...], axes: set[int]) -> tuple[int, ...]:
   return tuple(size for axis, size in enumerate(shape) if axis not in axes)
 
 
-def _as_tuple(axes: int | tuple[int, ...]) -> tuple[int, ...]:
-  return axes if isinstance(axes, tuple) else (axes,)
-
-
 def _plain_reading(
   shape: tuple[int, ...], bias: tuple[int, ...] | None, stack: set[int]
 ) -> DimensionNumbers | None:
@@ -113,8 +110,7 @@ def _plain_reading(
     own = _read_from_bias(_without(shape, stack), _without(bias, stack))
     if own is None:
       return None
-  full = lambda axes: axes_field(tuple(own_axes[a] for a in _as_tuple(axes)))
-  return DimensionNumbers(full(own.reduction_axis), full(own.output_axis))
+  return placed(own.reduction_axis, own.output_axis, own_axes)
 
 
 def _flatten_known(tree: Any) -> list[tuple[tuple[Any, ...], Any, Any]]:
