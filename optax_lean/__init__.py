@@ -12,6 +12,14 @@ from optax_lean._src.dimension_numbers import DimensionNumbers
 from optax_lean._src.galore import ScaleByGaLoreState, galore, scale_by_galore
 from optax_lean._src.layers import layer_axes, merge_layers, split_layers, update_layer
 from optax_lean._src.ldadam import ScaleByLDAdamState, ldadam, scale_by_ldadam
+from optax_lean._src.low_precision import (
+  KahanSummationState,
+  MasterWeightsState,
+  StochasticRoundingState,
+  kahan_summation,
+  master_weights,
+  stochastic_rounding,
+)
 from optax_lean._src.memory import state_bytes, state_bytes_by_kind, state_bytes_by_leaf
 from optax_lean._src.nnx_layouts import nnx_dimension_numbers
 from optax_lean._src.norm_growth import ScaleByNormGrowthLimitState, scale_by_norm_growth_limit
@@ -53,6 +61,8 @@ __all__ = (
   'AddDecayedWeightsAfterUpdateState',
   'DimensionNumbers',
   'GaussianProjector',
+  'KahanSummationState',
+  'MasterWeightsState',
   'PowerIterationProjector',
   'Projector',
   'QuantizedArray',
@@ -70,6 +80,7 @@ __all__ = (
   'ScaleBySubsetNormState',
   'ScaleBySubspaceAdamState',
   'ScaleBySubspaceMomentumState',
+  'StochasticRoundingState',
   'TopKProjector',
   'UniformProjector',
   'adagrad_sn',
@@ -83,8 +94,10 @@ __all__ = (
   'default_mask',
   'galore',
   'get_projector',
+  'kahan_summation',
   'layer_axes',
   'ldadam',
+  'master_weights',
   'merge_layers',
   'nnx_dimension_numbers',
   'online_subspace_descent',
@@ -109,5 +122,6 @@ __all__ = (
   'state_bytes_by_kind',
   'state_bytes_by_leaf',
   'state_sharding',
+  'stochastic_rounding',
   'update_layer',
 )

@@ -202,3 +202,21 @@ def test_every_input_kind_is_quantised_or_kept_as_is():
   reference = optax.adamw(1e-2).update(grads, optax.adamw(1e-2).init(params), params)[0]
   # One step of equal gradients: every moment is its block's largest, which the map keeps exactly.
   chex.assert_trees_all_close(updates, reference, rtol=1e-6)
+
+
+def test_a_layer_of_a_quantised_stack_stays_quantised():
+  # The stack has 128 numbers per moment (quantised), one layer 32 (below min_size):
+  # the per-layer update keeps the state's structure, as a scan over layers needs.
+  tx = optax_lean.quantize_state(optax.adam(1e-2), min_size=64)
+  params = {'w': jnp.ones((4, 4, 8))}
+  grads = {'w': jnp.cos(jnp.arange(128.0)).reshape(4, 4, 8)}
+  axes = optax_lean.layer_axes(tx, params)
+  per_layer, shared = optax_lean.split_layers(tx.init(params), axes)
+  layer = lambda tree: jax.tree.map(lambda x: x[1], tree)
+  updates, new_layer, _ = optax_lean.update_layer(
+    tx, layer(grads), layer(per_layer), shared, axes, layer(params)
+  )
+  assert jax.tree.structure(new_layer) == jax.tree.structure(layer(per_layer))
+  assert isinstance(new_layer.inner[0].mu['w'], QuantizedArray)
+  whole, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], whole['w'][1], rtol=1e-6)

@@ -119,10 +119,11 @@ def _nearest(table: np.ndarray, values: jax.Array) -> jax.Array:
   is how many midpoints lie below the value, found one bit at a time (256
   entries, 8 steps), with gathers that keep the values' sharding.
   """
-  midpoints = jnp.asarray((table[:-1] + table[1:]) / 2)  # 255, padded to 256 below
-  midpoints = jnp.concatenate([midpoints, jnp.full((1,), jnp.inf, midpoints.dtype)])
-  index = jnp.zeros_like(values, jnp.int32)
-  for bit in reversed(range(8)):
+  midpoints = np.append((table[:-1] + table[1:]) / 2, np.inf).astype(table.dtype)  # 256
+  # The first bit compares with one midpoint: no gather of constant indices.
+  index = jnp.where(midpoints[127] < values, 128, 0).astype(jnp.int32)
+  midpoints = jnp.asarray(midpoints)
+  for bit in reversed(range(7)):
     candidate = index + (1 << bit)
     index = jnp.where(_lookup(midpoints, candidate - 1) < values, candidate, index)
   return index
@@ -130,7 +131,9 @@ def _nearest(table: np.ndarray, values: jax.Array) -> jax.Array:
 
 def quantize(x: jax.Array, *, signed: bool, block_size: int) -> QuantizedArray:
   """``x`` (at least 1-D, real) as 8-bit codes of the nearest map values, block by block."""
-  blocks = _blocked(x.astype(jnp.float32), block_size)
+  # The barrier keeps XLA from folding a constant input (a fresh state's zeros)
+  # into constants the size of the leaf at compile time.
+  blocks = _blocked(jax.lax.optimization_barrier(x.astype(jnp.float32)), block_size)
   scales = jnp.max(jnp.abs(blocks), axis=-1)
   normalised = blocks / jnp.where(scales == 0, 1.0, scales)[..., None]
   codes = _nearest(dynamic_map(signed), normalised).astype(jnp.uint8)
@@ -153,6 +156,9 @@ class QuantizedState(NamedTuple):
   """
 
   inner: optax.OptState
+
+
+_is_quantized = lambda x: isinstance(x, QuantizedArray)
 
 
 def _field_names(path: tuple[Any, ...]) -> set[str]:
@@ -187,7 +193,8 @@ def quantize_state(
       (``optax.adamw``'s ``mu`` and ``nu``, and every optax_lean optimizer's).
     block_size: Numbers per scale along the last axis (a leaf with fewer has
       one block per row).
-    min_size: Leaves with fewer numbers stay in their own dtype.
+    min_size: Leaves with fewer numbers at ``init`` stay in their own dtype
+      (a layer's slice of a quantised stack stays quantised).
     signed_fields: State fields quantised with the signed map.
     unsigned_fields: State fields quantised with the unsigned map: their
       values must not be negative.
@@ -236,16 +243,27 @@ def quantize_state(
     return jax.tree_util.tree_map_with_path(one, state)
 
   def unpack(state: optax.OptState) -> optax.OptState:
-    is_quantized = lambda x: isinstance(x, QuantizedArray)
     return jax.tree.map(
-      lambda x: dequantize(x, block_size) if is_quantized(x) else x, state, is_leaf=is_quantized
+      lambda x: dequantize(x, block_size) if _is_quantized(x) else x, state, is_leaf=_is_quantized
     )
+
+  def repack(old: optax.OptState, new: optax.OptState) -> optax.OptState:
+    """``new`` with each leaf quantised as ``old``'s was: the state keeps its structure."""
+
+    def one(was, leaf):
+      if not _is_quantized(was):
+        return leaf
+      return dataclasses.replace(
+        quantize(leaf, signed=was.signed, block_size=block_size), dtype=was.dtype
+      )
+
+    return jax.tree.map(one, old, new, is_leaf=_is_quantized)
 
   def init_fn(params):
     return QuantizedState(pack(inner.init(params)))
 
   def update_fn(updates, state, params=None, **extra_args):
     updates, new_inner = inner.update(updates, unpack(state.inner), params, **extra_args)
-    return updates, QuantizedState(pack(new_inner))
+    return updates, QuantizedState(repack(state.inner, new_inner))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
