@@ -20,6 +20,11 @@ optimizers with suffixes: ``+bf16_states`` (every state in bfloat16, the
 trainer's ``--state-dtype bfloat16``), ``+scan`` (``--scan-layers``),
 ``+remat`` (``--scan-layers --remat``: each block recomputed in the backward
 pass) and ``+layerwise`` (``--scan-layers --layerwise``: per-layer updates).
+Two suffixes are GaLore's single-GPU setup (``scripts/single_gpu/llama_7b.sh``
+of the official code): one device, bfloat16 parameters and compute, per-layer
+updates, 8-bit moments and stochastic rounding, with ``+galore_1x256`` one
+sequence of 256 tokens and ``+galore_16x256`` sixteen, with remat; they set
+the mesh and batch themselves.
 Low-rank optimizers use the paper's rank for the size; ``adamsnsm`` the SVD
 projector, ``adamsnsm_random`` the seeded random one.
 
@@ -52,6 +57,20 @@ GIB = 2**30
 BUDGET_SLACK = 0.05  # of AdamW's peak
 PAPER_RANK = {'60m': 128, '130m': 256, '350m': 256, '1b': 512, '7b': 1024}
 PAPER_BATCH = 512  # sequences of 256 tokens (GaLore, SN-SM)
+# GaLore's single-GPU 7B setup: suffix -> (sequences per step, TrainConfig overrides).
+SINGLE_DEVICE = {
+  'galore_1x256': 1,
+  'galore_16x256': 16,
+}
+SINGLE_DEVICE_OPTIONS = {
+  'mesh': 'fsdp=1',
+  'param_dtype': 'bfloat16',
+  'compute_dtype': 'bfloat16',
+  'state_dtype': 'int8',
+  'rounding': 'stochastic',
+  'scan_layers': True,
+  'layerwise': True,
+}
 # label -> (registry optimizer, TrainConfig overrides)
 LABELS = {
   'adamw': ('adamw', {}),
@@ -96,6 +115,7 @@ class Measurement:
   state_bytes_per_device: int
   state_bytes_total: int
   arguments_match_shards: bool
+  cpu_stack_copy_bytes: int = 0
   peak_buffers: list[hlo.Buffer] = dataclasses.field(default_factory=list)
 
 
@@ -115,6 +135,30 @@ def total_bytes(tree) -> int:
   return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
+def cpu_stack_copy_bytes(run, state) -> int:
+  """Bytes of the 16-bit stacks the per-layer step copies on XLA:CPU (layerwise.py's ``_as_bits``).
+
+  XLA's CPU backend cannot write a bfloat16 stack in place layer by layer; the
+  per-layer step carries the bits of each 16-bit stack instead (the stacked
+  blocks and their per-layer state), which costs one copy of each. Backends
+  that write bfloat16 in place make no such copy. Zero for other steps.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  import optax_lean
+
+  if not run.cfg.layerwise or jax.default_backend() != 'cpu':
+    return 0
+  blocks = state.params['blocks']
+  per_layer, _ = optax_lean.split_layers(
+    state.opt_state.blocks, optax_lean.layer_axes(run.tx, blocks)
+  )
+  is_16_bit = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2
+  leaves = jax.tree.leaves((blocks, per_layer))
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves if is_16_bit(x))
+
+
 def config_for(size: str, label: str, mesh: str, batch: int, data: str):
   """The trainer's config of one label at one size."""
   from examples.llama.train_config import TrainConfig
@@ -122,22 +166,28 @@ def config_for(size: str, label: str, mesh: str, batch: int, data: str):
   base, _, suffixes = label.partition('+')
   optimizer, overrides = LABELS[base]
   flags = set(suffixes.split('+')) if suffixes else set()
-  unknown = flags - {'bf16_states', 'scan', 'remat', 'layerwise'}
+  unknown = flags - {'bf16_states', 'scan', 'remat', 'layerwise', *SINGLE_DEVICE}
   if unknown:
     raise ValueError(f'unknown label suffix {sorted(unknown)} in {label!r}')
-  return TrainConfig(
-    model=size,
-    optimizer=optimizer,
+  options = dict(
     batch_size=batch,
-    seq_len=256,
     mesh=mesh,
-    rank=PAPER_RANK.get(size),
     scan_layers=bool(flags & {'scan', 'remat', 'layerwise'}),
     remat='remat' in flags,
     layerwise='layerwise' in flags,
     state_dtype='bfloat16' if 'bf16_states' in flags else None,
+  )
+  for suffix in flags & set(SINGLE_DEVICE):
+    sequences = SINGLE_DEVICE[suffix]
+    options.update(SINGLE_DEVICE_OPTIONS, batch_size=sequences, remat=sequences > 1)
+  return TrainConfig(
+    model=size,
+    optimizer=optimizer,
+    seq_len=256,
+    rank=PAPER_RANK.get(size),
     data=data,
     progress=False,
+    **options,
     **overrides,
   )
 
@@ -200,6 +250,7 @@ def measure(cfg, dump_dir: str | None = None, seen: set[str] | None = None) -> M
     state_bytes_per_device=shard_bytes(state.opt_state, run.state_sharding.opt_state),
     state_bytes_total=total_bytes(state.opt_state),
     arguments_match_shards=held == stats.argument_size_in_bytes,
+    cpu_stack_copy_bytes=cpu_stack_copy_bytes(run, state),
   )
 
 
@@ -211,8 +262,8 @@ def table(size: str, mesh: str, batch: int, rows: dict[str, Measurement]) -> str
     '',
     '| label | state / device | state total | share | arguments | outputs | temporaries | '
     'aliases | peak | peak vs adamw | temporaries over adamw | budget | within | compile (s) | '
-    'args = shards |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    'args = shards | XLA:CPU stack copies | peak less them |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for label, m in rows.items():
     adamw = rows.get(adamw_counterpart(label))
@@ -228,7 +279,12 @@ def table(size: str, mesh: str, batch: int, rows: dict[str, Measurement]) -> str
       f'{m.state_bytes_per_device / m.state_bytes_total:.3f} | {gib(m.argument_bytes)} | '
       f'{gib(m.output_bytes)} | {gib(m.temp_bytes)} | {gib(m.alias_bytes)} | '
       f'{gib(m.peak_bytes)} | {versus} | {over} | {budget} | {within} | {m.compile_s:.0f} | '
-      f'{"yes" if m.arguments_match_shards else "NO"} |'
+      f'{"yes" if m.arguments_match_shards else "NO"} | '
+      + (
+        f'{gib(m.cpu_stack_copy_bytes)} | {gib(m.peak_bytes - m.cpu_stack_copy_bytes)} |'
+        if m.cpu_stack_copy_bytes
+        else '— | — |'
+      )
     )
   return '\n'.join(lines)
 

@@ -54,6 +54,16 @@ CASES = {
     2, "unknown --optimizer 'lion'; choose one of adamw", ('--optimizer', 'lion')
   ),
   'unknown_model': Case(2, "unknown --model '2b'; choose one of toy", ('--model', '2b')),
+  'unknown_param_dtype': Case(
+    2,
+    "unknown --param-dtype 'float16'; choose one of float32, bfloat16",
+    ('--param-dtype', 'float16'),
+  ),
+  'unknown_rounding': Case(
+    2,
+    "unknown --rounding 'up'; choose one of stochastic, kahan, master, nearest",
+    ('--rounding', 'up'),
+  ),
   'unknown_projector': Case(
     2, "unknown --projector 'qr'; choose auto or one of svd", ('--projector', 'qr')
   ),

@@ -71,6 +71,17 @@ def test_budget_is_adamws_peak_less_the_state_saved_plus_five_percent():
   assert train_memory.adamw_counterpart('rso') == 'adamw'
 
 
+def test_single_device_labels_are_galores_7b_setup(tmp_path):
+  one = train_memory.config_for('7b', 'adamsnsm+galore_1x256', 'fsdp=8', 8, str(tmp_path))
+  sixteen = train_memory.config_for('7b', 'galore+galore_16x256', 'fsdp=8', 8, str(tmp_path))
+  for cfg, sequences in ((one, 1), (sixteen, 16)):
+    assert (cfg.mesh, cfg.batch_size, cfg.seq_len) == ('fsdp=1', sequences, 256)
+    assert (cfg.param_dtype, cfg.compute_dtype, cfg.state_dtype) == ('bfloat16', 'bfloat16', 'int8')
+    assert cfg.layerwise and cfg.scan_layers and cfg.rank == 1024
+  assert (one.remat, sixteen.remat) == (False, True)
+  assert one.optimizer == 'adamsnsm' and sixteen.optimizer == 'galore'
+
+
 def test_decompositions_in_a_loop_count_once_per_trip():
   one_by_one = jax.jit(lambda x: jax.lax.map(lambda m: jnp.linalg.qr(m)[0], x))
   batched = jax.jit(lambda x: jnp.linalg.qr(x)[0])

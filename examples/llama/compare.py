@@ -71,21 +71,23 @@ def table(results: list[train_lib.RunResult], labels: list[str] | None = None) -
   return '\n'.join(lines)
 
 
-def plot(results: list[train_lib.RunResult], path: str) -> None:
+def plot(results: list[train_lib.RunResult], path: str, labels: list[str] | None = None) -> None:
+  """Validation loss against training tokens, one curve per run (labelled by optimizer)."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for result in results:
+  labels = labels or [r.config.optimizer for r in results]
+  for label, result in zip(labels, results):
     evals = [r for r in result.history if 'val_loss' in r]
     ax.plot(
       [r['tokens'] / 1e6 for r in evals],
       [r['val_loss'] for r in evals],
       marker='o',
       markersize=3,
-      label=result.config.optimizer,
+      label=label,
     )
   cfg = results[0].config
   ax.set_xlabel('training tokens (millions)')

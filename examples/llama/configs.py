@@ -25,7 +25,8 @@ class LlamaConfig:
   tie_embeddings: bool = False
   scan_layers: bool = False
   remat: bool = False  # with scan_layers: keep only each block's input, recompute the rest
-  compute_dtype: str = 'float32'
+  compute_dtype: str = 'float32'  # the matmuls and activations
+  param_dtype: str = 'float32'  # the parameters as stored and trained
   rso_rank: int | None = None  # train linear layers through rank-r factors (rso_layers.py)
 
   @property

@@ -75,6 +75,33 @@ def state_sharding(tx: optax.GradientTransformation, params: dict, shardings: di
   )
 
 
+def _as_bits(tree: Any) -> Any:
+  """On CPU, each 16-bit float leaf as its bits (``uint16``); other leaves as they are.
+
+  The loops slice and write the stacks layer by layer. XLA's CPU backend has no
+  bfloat16 dynamic-update-slice: it writes each layer through float32 copies of
+  the whole stack. Their bits are written in place; what remains is one copy
+  of each 16-bit stack, made where the loop starts. Other backends write
+  bfloat16 in place, and keep the stacks as they are.
+  """
+
+  def bits(x):
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+      return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+  if jax.default_backend() != 'cpu':
+    return tree
+
+  return jax.tree.map(bits, tree)
+
+
+def _from_bits(bits: Any, like: Any) -> Any:
+  """The inverse of ``_as_bits``, with ``like``'s dtypes (arrays or ``ShapeDtypeStruct``)."""
+  convert = lambda x, dtype: x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+  return jax.tree.map(lambda x, y: convert(x, y.dtype), bits, like)
+
+
 def _sum_of_squares(tree: Any) -> jax.Array:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
@@ -112,25 +139,30 @@ def _update_blocks(
   per_layer, shared = optax_lean.split_layers(state, axes)
 
   # The blocks and their state are updated in place, in the loop's carry: one
-  # copy of each, whatever the number of layers.
+  # copy of each, whatever the number of layers (16-bit floats as their bits).
+  like = (blocks, per_layer)
+
   def backward(carry, layer):
     cotangent, norm_sq, blocks, per_layer, _ = carry
     index, input_i = layer
-    params_i, state_i = jax.tree.map(lambda x: x[index], (blocks, per_layer))
+    params_i, state_i = _from_bits(jax.tree.map(lambda x: x[index], (blocks, per_layer)), like)
     _, block_vjp = jax.vjp(block, params_i, input_i)
     grads_i, cotangent = block_vjp(cotangent)
     updates_i, state_i, stepped = optax_lean.update_layer(
       tx, clip(grads_i), state_i, shared, axes, params_i, index=index
     )
-    write = lambda stack, value: jax.tree.map(lambda x, y: x.at[index].set(y), stack, value)
+    write = lambda stack, value: jax.tree.map(
+      lambda x, y: x.at[index].set(y), stack, _as_bits(value)
+    )
     blocks = write(blocks, optax.apply_updates(params_i, updates_i))
     per_layer = write(per_layer, state_i)
     return (cotangent, norm_sq + _sum_of_squares(grads_i), blocks, per_layer, stepped), None
 
   layers = jnp.arange(jax.tree.leaves(blocks)[0].shape[0])
-  carry = (cotangent, norm_sq, blocks, per_layer, shared)
+  carry = (cotangent, norm_sq, *_as_bits((blocks, per_layer)), shared)
   carry, _ = jax.lax.scan(backward, carry, (layers, block_inputs), reverse=True)
-  cotangent, norm_sq, blocks, per_layer, shared = carry  # every layer steps `shared` alike
+  cotangent, norm_sq, *bits, shared = carry  # every layer steps `shared` alike
+  blocks, per_layer = _from_bits(tuple(bits), like)
   return blocks, optax_lean.merge_layers(per_layer, shared, axes), cotangent, norm_sq
 
 
@@ -159,8 +191,8 @@ def make_step(
     clip = _clip_by_previous_norm(clip_norm, state.grad_norm)
 
     x0, embed_vjp = jax.vjp(lambda e: model(head, e, blocks).embed(inputs), embed)
-    keep_input = lambda x, layer: (block(layer, x), x)
-    x_last, block_inputs = jax.lax.scan(keep_input, x0, blocks)
+    keep_input = lambda x, layer: (block(_from_bits(layer, blocks), x), x)
+    x_last, block_inputs = jax.lax.scan(keep_input, x0, _as_bits(blocks))
 
     loss, head_vjp = jax.vjp(
       lambda h, e, x: head_loss(h, e, blocks, x, targets), head, embed, x_last

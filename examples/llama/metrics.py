@@ -50,6 +50,8 @@ def report_memory(run: Run) -> tuple[int, int, int]:
   params = rso_layers.without_factors(run.abstract_state.params)
   opt_state = run.abstract_state.opt_state
   n_params = sum(p.size for p in jax.tree.leaves(params))
+  param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
+  param_dtypes = '/'.join(sorted({p.dtype.name for p in jax.tree.leaves(params)}))
   opt_bytes = optax_lean.state_bytes(opt_state)
   adamw_bytes = optax_lean.state_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
   by_kind = ', '.join(
@@ -57,8 +59,8 @@ def report_memory(run: Run) -> tuple[int, int, int]:
   )
   cfg = run.cfg
   say(
-    f'model {cfg.model}: {n_params:,} parameters ({format_bytes(4 * n_params)} f32); mesh '
-    f'{dict(run.mesh.shape)}'
+    f'model {cfg.model}: {n_params:,} parameters ({format_bytes(param_bytes)} {param_dtypes}); '
+    f'mesh {dict(run.mesh.shape)}'
   )
   say(
     f'optimizer {cfg.optimizer}: state {format_bytes(opt_bytes)} '

@@ -20,14 +20,15 @@ from examples.llama.rso_layers import RSOLinear
 
 def dense(n_in: int, n_out: int, rngs: nnx.Rngs, config: LlamaConfig) -> nnx.Module:
   """A bias-free linear layer; with ``config.rso_rank``, an RSO layer (see rso_layers.py)."""
-  dtype = jnp.dtype(config.compute_dtype)
+  dtype, param_dtype = jnp.dtype(config.compute_dtype), jnp.dtype(config.param_dtype)
   if config.rso_rank:
-    return RSOLinear(n_in, n_out, config.rso_rank, rngs, dtype)
+    return RSOLinear(n_in, n_out, config.rso_rank, rngs, dtype, param_dtype)
   return nnx.Linear(
     n_in,
     n_out,
     use_bias=False,
     dtype=dtype,
+    param_dtype=param_dtype,
     kernel_init=nnx.initializers.normal(0.02),
     rngs=rngs,
   )
@@ -75,12 +76,21 @@ class MLP(nnx.Module):
     return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
 
 
+def rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(
+    config.dim,
+    epsilon=config.norm_eps,
+    dtype=jnp.dtype(config.compute_dtype),
+    param_dtype=jnp.dtype(config.param_dtype),
+    rngs=rngs,
+  )
+
+
 class Block(nnx.Module):
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
-    dtype = jnp.dtype(config.compute_dtype)
-    self.attn_norm = nnx.RMSNorm(config.dim, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+    self.attn_norm = rms_norm(config, rngs)
     self.attn = Attention(config, rngs)
-    self.mlp_norm = nnx.RMSNorm(config.dim, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+    self.mlp_norm = rms_norm(config, rngs)
     self.mlp = MLP(config, rngs)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -92,12 +102,12 @@ class Llama(nnx.Module):
   """Token ids ``(batch, time)`` to next-token logits ``(batch, time, vocab)``."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
-    dtype = jnp.dtype(config.compute_dtype)
     self.config = config
     self.embed = nnx.Embed(
       config.vocab_size,
       config.dim,
-      dtype=dtype,
+      dtype=jnp.dtype(config.compute_dtype),
+      param_dtype=jnp.dtype(config.param_dtype),
       embedding_init=nnx.initializers.normal(0.02),
       rngs=rngs,
     )
@@ -111,7 +121,7 @@ class Llama(nnx.Module):
       self.blocks = stacked_blocks(rngs)
     else:
       self.blocks = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
-    self.final_norm = nnx.RMSNorm(config.dim, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+    self.final_norm = rms_norm(config, rngs)
     if not config.tie_embeddings:
       self.lm_head = dense(config.dim, config.vocab_size, rngs, config)
 

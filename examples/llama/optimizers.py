@@ -44,6 +44,27 @@ class Hyperparameters:
 STATE_DTYPES = ('bfloat16', 'float32', 'int8')
 
 
+# The parameters' and the computation's dtypes (--param-dtype, --compute-dtype).
+DTYPES = ('float32', 'bfloat16')
+
+# How updates land on bfloat16 parameters: name -> (transformation from a seed, help).
+ROUNDINGS: dict[str, tuple[Callable[[int], optax.GradientTransformation], str]] = {
+  'stochastic': (
+    lambda seed: optax_lean.stochastic_rounding(seed),
+    'unbiased stochastic rounding, no memory',
+  ),
+  'kahan': (lambda seed: optax_lean.kahan_summation(), 'a bfloat16 compensation buffer'),
+  'master': (lambda seed: optax_lean.master_weights(), 'a float32 copy in the state'),
+  'nearest': (lambda seed: optax.identity(), "round to nearest, optax's own"),
+}
+DEFAULT_ROUNDING = 'stochastic'
+
+
+def rounding(name: str, seed: int) -> optax.GradientTransformation:
+  """The transformation that makes updates land on low-precision parameters, put last."""
+  return ROUNDINGS[name][0](seed)
+
+
 def state_dtypes(h: Hyperparameters, *fields: str) -> dict[str, str]:
   """``{field: h.state_dtype}`` for the optimizer's dtype arguments, if a dtype is set."""
   return {} if h.state_dtype is None else dict.fromkeys(fields, h.state_dtype)

@@ -47,10 +47,11 @@ class Projection(nnx.Variable):
 class RSOLinear(nnx.Module):
   """``x W + (x P) B`` with an ``(in, out)`` kernel ``W`` and a rank-``r`` factor ``B``."""
 
-  def __init__(self, n_in: int, n_out: int, rank: int, rngs: nnx.Rngs, dtype):
-    self.kernel = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (n_in, n_out)))
-    self.factor = nnx.Param(jnp.zeros((rank, n_out)))
-    self.projection = Projection(random_projection(rngs.params(), (n_in, rank)))
+  def __init__(self, n_in: int, n_out: int, rank: int, rngs: nnx.Rngs, dtype, param_dtype):
+    kernel = nnx.initializers.normal(0.02)(rngs.params(), (n_in, n_out), param_dtype)
+    self.kernel = nnx.Param(kernel)
+    self.factor = nnx.Param(jnp.zeros((rank, n_out), param_dtype))
+    self.projection = Projection(random_projection(rngs.params(), (n_in, rank)).astype(param_dtype))
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -99,7 +99,8 @@ def make_model(cfg: TrainConfig, vocab_size: int, rso_rank: int | None) -> Model
     remat=cfg.remat,
     tie_embeddings=cfg.tie_embeddings,
     n_kv_heads=cfg.n_kv_heads,
-    compute_dtype='bfloat16' if cfg.bf16 else 'float32',
+    compute_dtype=cfg.compute_dtype,
+    param_dtype=cfg.param_dtype,
     rso_rank=rso_rank,
   )
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
@@ -127,6 +128,8 @@ def make_optimizer(
     raise ValueError(problem)
   schedule = learning_rate_schedule(cfg, hparams.peak_learning_rate)
   tx = optimizers.build(cfg.optimizer, schedule, hparams)
+  if cfg.param_dtype != 'float32':  # the last transformation: updates land unbiased
+    tx = optax.chain(tx, optimizers.rounding(cfg.rounding, cfg.seed))
   if cfg.clip_norm and not cfg.layerwise:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
   if cfg.skip_nonfinite:

@@ -65,7 +65,18 @@ class TrainConfig:
     f"every optimizer state's dtype: {' or '.join(optimizers.STATE_DTYPES)}; unset: the params'",
   )
   grad_accum: int = option(1, 'micro batches per optimizer step (optax.MultiSteps), >= 1')
-  bf16: bool = option(False, 'compute in bfloat16 (parameters stay float32)')
+  param_dtype: str = option(
+    'float32', f"the parameters' dtype (MaxText's weight_dtype): {' or '.join(optimizers.DTYPES)}"
+  )
+  compute_dtype: str = option(
+    'float32',
+    f"the matmuls' and activations' dtype (MaxText's dtype): {' or '.join(optimizers.DTYPES)}",
+  )
+  rounding: str = option(
+    optimizers.DEFAULT_ROUNDING,
+    'how updates land on bfloat16 parameters: '
+    + ', '.join(f'{name} ({text})' for name, (_, text) in optimizers.ROUNDINGS.items()),
+  )
   scan_layers: bool = option(False, 'stack the blocks and run them under jax.lax.scan')
   remat: bool = option(False, 'with --scan-layers: recompute each block in the backward pass')
   layerwise: bool = option(

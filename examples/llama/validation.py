@@ -35,6 +35,13 @@ def config_problems(cfg: Any) -> list[str]:
       f'unknown --state-dtype {cfg.state_dtype!r}; choose one of '
       f'{", ".join(optimizers.STATE_DTYPES)}'
     )
+  for flag, value, choices in (
+    ('--param-dtype', cfg.param_dtype, optimizers.DTYPES),
+    ('--compute-dtype', cfg.compute_dtype, optimizers.DTYPES),
+    ('--rounding', cfg.rounding, optimizers.ROUNDINGS),
+  ):
+    if value not in choices:
+      problems.append(f'unknown {flag} {value!r}; choose one of {", ".join(choices)}')
   if cfg.subset_size != 'heuristic' and not cfg.subset_size.lstrip('-').isdigit():
     problems.append(f"--subset-size must be 'heuristic' or an integer, got {cfg.subset_size!r}")
   if cfg.data is not None and not cfg.data.startswith('hf:'):
