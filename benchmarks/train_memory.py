@@ -57,7 +57,7 @@ GIB = 2**30
 BUDGET_SLACK = 0.05  # of AdamW's peak
 PAPER_RANK = {'60m': 128, '130m': 256, '350m': 256, '1b': 512, '7b': 1024}
 PAPER_BATCH = 512  # sequences of 256 tokens (GaLore, SN-SM)
-# GaLore's single-GPU 7B setup: suffix -> (sequences per step, TrainConfig overrides).
+# GaLore's single-GPU 7B setup: suffix -> sequences of 256 tokens per step, and the options.
 SINGLE_DEVICE = {
   'galore_1x256': 1,
   'galore_16x256': 16,

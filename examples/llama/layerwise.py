@@ -85,13 +85,13 @@ def _as_bits(tree: Any) -> Any:
   bfloat16 in place, and keep the stacks as they are.
   """
 
+  if jax.default_backend() != 'cpu':
+    return tree
+
   def bits(x):
     if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
       return jax.lax.bitcast_convert_type(x, jnp.uint16)
     return x
-
-  if jax.default_backend() != 'cpu':
-    return tree
 
   return jax.tree.map(bits, tree)
 

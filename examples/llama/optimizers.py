@@ -49,10 +49,7 @@ DTYPES = ('float32', 'bfloat16')
 
 # How updates land on bfloat16 parameters: name -> (transformation from a seed, help).
 ROUNDINGS: dict[str, tuple[Callable[[int], optax.GradientTransformation], str]] = {
-  'stochastic': (
-    lambda seed: optax_lean.stochastic_rounding(seed),
-    'unbiased stochastic rounding, no memory',
-  ),
+  'stochastic': (optax_lean.stochastic_rounding, 'unbiased stochastic rounding, no memory'),
   'kahan': (lambda seed: optax_lean.kahan_summation(), 'a bfloat16 compensation buffer'),
   'master': (lambda seed: optax_lean.master_weights(), 'a float32 copy in the state'),
   'nearest': (lambda seed: optax.identity(), "round to nearest, optax's own"),
