@@ -144,9 +144,9 @@ def cpu_stack_copy_bytes(run, state) -> int:
   that write bfloat16 in place make no such copy. Zero for other steps.
   """
   import jax
-  import jax.numpy as jnp
 
   import optax_lean
+  from examples.llama.layerwise import is_16_bit_float
 
   if not run.cfg.layerwise or jax.default_backend() != 'cpu':
     return 0
@@ -154,9 +154,8 @@ def cpu_stack_copy_bytes(run, state) -> int:
   per_layer, _ = optax_lean.split_layers(
     state.opt_state.blocks, optax_lean.layer_axes(run.tx, blocks)
   )
-  is_16_bit = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2
   leaves = jax.tree.leaves((blocks, per_layer))
-  return sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves if is_16_bit(x))
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves if is_16_bit_float(x))
 
 
 def config_for(size: str, label: str, mesh: str, batch: int, data: str):

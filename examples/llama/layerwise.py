@@ -75,6 +75,11 @@ def state_sharding(tx: optax.GradientTransformation, params: dict, shardings: di
   )
 
 
+def is_16_bit_float(x: Any) -> bool:
+  """Whether ``x`` (an array or ``ShapeDtypeStruct``) holds 16-bit floats: bits on CPU."""
+  return jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2
+
+
 def _as_bits(tree: Any) -> Any:
   """On CPU, each 16-bit float leaf as its bits (``uint16``); other leaves as they are.
 
@@ -88,11 +93,7 @@ def _as_bits(tree: Any) -> Any:
   if jax.default_backend() != 'cpu':
     return tree
 
-  def bits(x):
-    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
-      return jax.lax.bitcast_convert_type(x, jnp.uint16)
-    return x
-
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if is_16_bit_float(x) else x
   return jax.tree.map(bits, tree)
 
 

@@ -47,8 +47,9 @@ def _check_float_dtype(name: str, dtype: jax.typing.DTypeLike | None) -> None:
 def landing_update(params: jax.Array, target: jax.Array) -> jax.Array:
   """The float32 update that ``optax.apply_updates`` turns from ``params`` into ``target``.
 
-  Both are values of the parameters' dtype, so their float32 difference is
-  exact when they are within 2^16 of each other, as any step is.
+  Both are values of the parameters' dtype (8 significant bits for bfloat16),
+  so their float32 difference is exact unless one is over 2^16 times the
+  other, far beyond any step.
   """
   return target.astype(jnp.float32) - params.astype(jnp.float32)
 
@@ -228,7 +229,8 @@ def kahan_summation(
   _check_float_dtype('kahan_summation: compensation_dtype', compensation_dtype)
 
   def init_fn(params: optax.Params) -> KahanSummationState:
-    zeros = lambda p: jnp.zeros_like(p, dtype=compensation_dtype or p.dtype)
+    dtype = lambda p: p.dtype if compensation_dtype is None else compensation_dtype
+    zeros = lambda p: jnp.zeros_like(p, dtype=dtype(p))
     return KahanSummationState(_low_precision_leaves(params, zeros))
 
   def update_fn(updates, state, params=None):
