@@ -82,10 +82,6 @@ def rows() -> list[Row]:
   table = [
     Row('adamw', registry('adamw')),
     Row('adafactor', registry('adafactor')),
-    Row(
-      'optax.contrib.galore (paper rank)',
-      lambda size: optax.contrib.galore(1e-3, rank=PAPER_RANK[size]),
-    ),
     Row('adamsn', registry('adamsn')),
     Row('rmsprop_sn', registry('rmsprop_sn')),
   ]

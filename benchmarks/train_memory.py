@@ -84,8 +84,12 @@ LABELS = {
   'apollo': ('apollo', {}),
   'apollo_mini': ('apollo_mini', {}),
   'scale': ('scale', {}),
+  'sumo': ('sumo', {'projector': 'svd'}),
   'muon': ('muon', {}),
   'muon_bf16': ('muon_bf16', {}),
+  'adafactor': ('adafactor', {}),
+  'adafactor_momentum': ('adafactor_momentum', {}),
+  'contrib_galore': ('contrib_galore', {}),
 }
 DEFAULT_LABELS = ','.join(
   (

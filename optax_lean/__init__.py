@@ -52,6 +52,7 @@ from optax_lean._src.subspace_momentum import (
   ScaleBySubspaceMomentumState,
   scale_by_subspace_momentum,
 )
+from optax_lean._src.sumo import sumo
 
 __version__ = '0.1.0'
 
@@ -123,5 +124,6 @@ __all__ = (
   'state_bytes_by_leaf',
   'state_sharding',
   'stochastic_rounding',
+  'sumo',
   'update_layer',
 )

@@ -106,6 +106,7 @@ FAMILY: dict[str, Member] = {
     low_rank=False,
     decays_after_update=False,
   ),
+  'sumo': Member(optax_lean.sumo, 'tests/test_reference_family.py::test_sumo'),
 }
 LOW_RANK = [name for name, member in FAMILY.items() if member.low_rank]
 REAL_ONLY = [name for name, member in FAMILY.items() if not member.complex_leaves]

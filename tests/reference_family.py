@@ -377,3 +377,84 @@ class ScaleReference:
       g = self.m
     rms = np.sqrt(np.mean(g * g, axis=self.col_dim, keepdims=True))
     return g / np.maximum(rms, 1e-8)
+
+
+class SumoReference:
+  """One parameter of the official ``SUMO.step`` (``optimizers_torch/sumo_optimizer.py``).
+
+  For ``W (m, n)`` with ``m >= n`` the basis is ``B = V^T[:r] (r, n)`` and
+  ``R = G B^T``; otherwise ``A = U[:, :r] (m, r)`` and ``R = A^T G`` (the
+  official ``proj_type='std'``), recomputed by an exact SVD at the first step
+  and whenever the 1-based step is a multiple of ``gap``. The momentum is the
+  code's sum ``m = mu m + R``; with ``nesterov`` the stored momentum becomes
+  ``R + mu m``, as the code writes it. Its polar factor ``O = U V^T`` (an SVD
+  of ``m``) gives ``u = G - back(R - ratio O)``, ``ratio = 0.2 sqrt(max(m,
+  n))`` (or 1 with ``consistent_rms=None``). ``policy='rotate'`` carries the
+  momentum into a new basis, Algorithm 1's ``m <- Q_new^T Q_old m``; the
+  code keeps it (``'keep'``). The norm-growth limiter is the code's, on
+  ``O``. Unprojected parameters get the code's AdamW backup (``eps`` on the
+  uncorrected root, both corrections folded into the step). Decay is left
+  to the test.
+  """
+
+  def __init__(
+    self,
+    shape,
+    *,
+    momentum=0.9,
+    nesterov=False,
+    rank=3,
+    gap=10,
+    consistent_rms=0.2,
+    policy='keep',
+    gamma=1.1,
+    projected=True,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+  ):
+    self.shape, self.momentum, self.nesterov = shape, momentum, nesterov
+    self.rank, self.gap, self.consistent_rms, self.policy = rank, gap, consistent_rms, policy
+    self.gamma, self.projected = gamma, projected
+    self.b1, self.b2, self.eps = b1, b2, eps
+    self.k = 0
+    self.basis = self.m = self.v = self.previous_norm = None
+
+  def project(self, g):
+    return g @ self.basis.T if self.right else self.basis.T @ g
+
+  def back(self, x):
+    return x @ self.basis if self.right else self.basis @ x
+
+  def step(self, g):
+    g = np.asarray(g, np.float64)
+    self.k += 1
+    if not self.projected:
+      return self.adamw(g)
+    self.right = g.shape[0] >= g.shape[1]
+    if self.basis is None or self.k % self.gap == 0:
+      old, self.basis = self.basis, svd_projector(g, self.rank)
+      if self.policy == 'rotate' and old is not None:
+        self.m = self.m @ old @ self.basis.T if self.right else self.basis.T @ old @ self.m
+    r = self.project(g)
+    if self.m is None:
+      self.m = np.zeros_like(r)
+    self.m = self.momentum * self.m + r
+    if self.nesterov:
+      self.m = r + self.momentum * self.m
+    u, _, vt = np.linalg.svd(self.m, full_matrices=False)
+    o = u @ vt
+    norm = np.linalg.norm(o)
+    if self.previous_norm is not None and norm / (self.previous_norm + 1e-8) > self.gamma:
+      o = o / (norm + 1e-8) * self.gamma * self.previous_norm
+    self.previous_norm = np.linalg.norm(o)
+    ratio = 1.0 if self.consistent_rms is None else self.consistent_rms * math.sqrt(max(g.shape))
+    return g - self.back(r - ratio * o)
+
+  def adamw(self, g):
+    if self.m is None:
+      self.m, self.v = np.zeros_like(g), np.zeros_like(g)
+    self.m = self.b1 * self.m + (1 - self.b1) * g
+    self.v = self.b2 * self.v + (1 - self.b2) * g * g
+    step_size = math.sqrt(1 - self.b2**self.k) / (1 - self.b1**self.k)
+    return step_size * self.m / (np.sqrt(self.v) + self.eps)

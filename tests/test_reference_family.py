@@ -1,4 +1,4 @@
-"""GaLore, LDAdam, Online Subspace Descent and RSO against independent NumPy references.
+"""The GaLore family, APOLLO, SCALE and SUMO against independent NumPy references.
 
 The same harness as ``test_reference.py``: tall, wide and square kernels, a
 vector (plain rule) and a stack of three kernels, 30 steps with gap 10
@@ -21,6 +21,7 @@ from tests.reference_family import (
   OnlineSubspaceDescentReference,
   RandomSubspaceReference,
   ScaleReference,
+  SumoReference,
 )
 from tests.test_reference import (
   DIMS,
@@ -268,3 +269,35 @@ def test_scale(layout):
           err_msg=f'{jax.tree_util.keystr(path)} t={step + 1}',
         )
     params = optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize(
+  'momentum, nesterov, policy, consistent_rms',
+  [
+    (0.9, False, 'keep', 0.2),  # the official code without its Nesterov
+    (0.95, True, 'keep', 0.2),  # the official defaults: an EMA of decay 0.95**2
+    (0.9, False, 'rotate', None),  # Algorithm 1: the momentum rotated, no RMS matching
+  ],
+)
+def test_sumo(momentum, nesterov, policy, consistent_rms):
+  b1 = momentum**2 if nesterov else momentum
+  tx = optax_lean.sumo(
+    LR,
+    b1,
+    update_proj_gap=GAP,
+    projector='svd',
+    momentum_on_refresh=policy,
+    consistent_rms=consistent_rms,
+    **COMMON,
+  )
+  make = lambda name, shape: SumoReference(
+    shape,
+    momentum=momentum,
+    nesterov=nesterov,
+    rank=RANK,
+    gap=GAP,
+    consistent_rms=consistent_rms,
+    policy=policy,
+    projected=MASK[name],
+  )
+  run_against_reference(tx, make)

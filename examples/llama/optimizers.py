@@ -112,6 +112,42 @@ def muon_dimension_numbers(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(reading, params)
 
 
+def adafactor(
+  lr: optax.Schedule, h: Hyperparameters, momentum: float | None
+) -> optax.GradientTransformation:
+  """``optax.adafactor`` with absolute steps (the schedule sets them, as for AdamW).
+
+  ``multiply_by_parameter_scale=False``: the default (True) multiplies each
+  step by the parameter's root mean square, so that its rate would not be
+  comparable with the other optimizers' peaks.
+  """
+  return optax.adafactor(
+    lr,
+    multiply_by_parameter_scale=False,
+    momentum=momentum,
+    weight_decay_rate=h.weight_decay or None,
+  )
+
+
+def contrib_galore_dimension_numbers(params: Any) -> Any:
+  """``optax.contrib.galore``'s reading of the attention and MLP kernels; ``None`` elsewhere.
+
+  It has no batch axes, so the stacked kernels of ``--scan-layers`` are refused.
+  """
+
+  def reading(path, p, chosen):
+    if not chosen:
+      return None
+    if p.ndim != 2:
+      raise ValueError(
+        f'contrib_galore: {jax.tree_util.keystr(path)} has shape {p.shape}; '
+        'optax.contrib.galore projects 2-D kernels only: run it without --scan-layers'
+      )
+    return optax.contrib.GaLoreDimensionNumbers(0, 1)
+
+  return jax.tree_util.tree_map_with_path(reading, params, attn_mlp_kernels(params))
+
+
 # SCALE's official scripts give the AdamW leaves (norm scales) their own peak,
 # 2e-2 for the small models; the schedule keeps the shape of the main one.
 SCALE_ADAM_PEAK = 2e-2
@@ -140,9 +176,14 @@ REGISTRY: dict[str, OptimizerSpec] = {
     description='optax.adamw (PyTorch flavour), the baseline',
   ),
   'adafactor': OptimizerSpec(
-    lambda lr, h: optax.adafactor(lr, weight_decay_rate=h.weight_decay or None),
+    lambda lr, h: adafactor(lr, h, momentum=None),
     1e-2,
-    description='optax.adafactor (factored second moment, no momentum)',
+    description='optax.adafactor: factored second moment, no momentum (peer)',
+  ),
+  'adafactor_momentum': OptimizerSpec(
+    lambda lr, h: adafactor(lr, h, momentum=0.9),
+    3e-3,
+    description='optax.adafactor with momentum 0.9 (peer)',
   ),
   'adamsn': OptimizerSpec(
     lambda lr, h: optax_lean.adamsn(
@@ -268,6 +309,35 @@ REGISTRY: dict[str, OptimizerSpec] = {
     ),
     1e-3,
     description='SCALE: column-normalised SGD, momentum on the output layer only',
+  ),
+  'contrib_galore': OptimizerSpec(
+    lambda lr, h: optax.contrib.galore(
+      lr,
+      rank=h.rank or 128,
+      update_proj_gap=h.update_proj_gap,
+      scale=0.25,
+      weight_decay=h.weight_decay,
+      weight_dimension_numbers=contrib_galore_dimension_numbers,
+    ),
+    1e-2,
+    low_rank=True,
+    description='optax.contrib.galore: GaLore with Adam, scale 0.25, unscanned models (peer)',
+  ),
+  'sumo': OptimizerSpec(
+    lambda lr, h: optax_lean.sumo(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      projector=h.projector,
+      # 'official' is each method's own: SUMO's code keeps the momentum.
+      momentum_on_refresh='keep' if h.momentum_on_refresh == 'official' else h.momentum_on_refresh,
+      mask=attn_mlp_kernels,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
+    ),
+    1e-2,
+    low_rank=True,
+    description='SUMO: subspace momentum orthogonalised by an exact SVD, AdamW elsewhere',
   ),
   'muon': OptimizerSpec(
     lambda lr, h: optax.contrib.muon(

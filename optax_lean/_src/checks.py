@@ -44,6 +44,12 @@ def non_negative(name: str, value: Any) -> None:
     raise ValueError(f'{name} must be >= 0, got {value}.')
 
 
+def positive(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value > 0``."""
+  if _is_concrete(value) and not value > 0:
+    raise ValueError(f'{name} must be > 0, got {value}.')
+
+
 def positive_int(name: str, value: Any, *, static_args: tuple[str, ...] | None = None) -> None:
   """Raises ``ValueError`` unless ``value`` is a Python ``int`` >= 1.
 

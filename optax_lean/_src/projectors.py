@@ -85,6 +85,28 @@ def left_singular_vectors(x: jax.Array) -> jax.Array:
   return sharding.per_matrix(decompose, x)
 
 
+def orthogonal_factor(x: jax.Array) -> jax.Array:
+  r"""The polar factor :math:`U V^H` of each matrix of ``x`` (``(…, m, n)``), by its thin SVD.
+
+  The semi-orthogonal matrix nearest to ``x`` in Frobenius norm (Muon's
+  target, computed exactly instead of by Newton-Schulz iterations). Singular
+  values at or below ``max(m, n) * eps * sigma_max`` (beneath the numerical
+  rank) are dropped, so a zero matrix maps to zero rather than to an
+  arbitrary :math:`U V^H`. The matrix axes are gathered first (an SVD needs
+  them whole); each device decomposes the matrices it holds
+  (``sharding.per_matrix``), and the result is sharded like ``x``.
+  """
+
+  def factor(x):
+    u, s, vh = jnp.linalg.svd(x, full_matrices=False)
+    floor = s[..., :1] * max(x.shape[-2:]) * jnp.finfo(s.dtype).eps
+    kept = (s > floor).astype(u.dtype)
+    return (u * kept[..., None, :]) @ vh
+
+  whole = sharding.spread_over_batch(x, matrix_axes=2)
+  return sharding.reshard_like(sharding.per_matrix(factor, whole), x)
+
+
 def to_projected_rows(x: jax.Array, axis: int) -> jax.Array:
   """Moves the projected ``axis`` (-2 or -1) of ``x`` to the rows (-2)."""
   return x if axis == -2 else jnp.swapaxes(x, -1, -2)

@@ -170,7 +170,7 @@ def quantize_state(
   *,
   block_size: int = 256,
   min_size: int = 4096,
-  signed_fields: Sequence[str] = ('mu',),
+  signed_fields: Sequence[str] = ('mu', 'ema'),
   unsigned_fields: Sequence[str] = ('nu',),
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps ``inner``'s moments in 8 bits between steps (Dettmers et al.'s 8-bit states).
@@ -190,7 +190,8 @@ def quantize_state(
 
   Args:
     inner: Any optax transformation whose moments are named like optax's
-      (``optax.adamw``'s ``mu`` and ``nu``, and every optax_lean optimizer's).
+      (``optax.adamw``'s ``mu`` and ``nu``, ``optax.ema``'s ``ema``, as in
+      ``optax.adafactor``'s momentum, and every optax_lean optimizer's).
     block_size: Numbers per scale along the last axis (a leaf with fewer has
       one block per row).
     min_size: Leaves with fewer numbers at ``init`` stay in their own dtype

@@ -8,7 +8,7 @@ ICML 2025; official code https://github.com/timmytonga/sn-sm
 
 from __future__ import annotations
 
-from typing import NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,9 @@ from optax_lean._src.subspace import (
   refresh_due,
   refresh_projectors,
 )
+
+# What the leaves without a subspace get: a full momentum, or nothing.
+OtherLeaves = Literal['momentum', 'pass']
 
 
 class ScaleBySubspaceMomentumState(NamedTuple):
@@ -51,6 +54,7 @@ def momentum_step(
   basis: jax.Array,
   b1: jax.typing.ArrayLike,
   reset: jax.Array,
+  orthogonal_scale: jax.typing.ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   r"""One matrix's subspace-momentum step.
 
@@ -58,7 +62,11 @@ def momentum_step(
     R = B^\top G_a, \qquad m \leftarrow \beta_1 m + (1 - \beta_1) R,
     \qquad N = G_a + B (m - R),
 
-  the momentum inside the subspace and the gradient outside it.
+  the momentum inside the subspace and the gradient outside it. With an
+  ``orthogonal_scale`` :math:`c`, the momentum's place in the subspace goes to
+  :math:`c` times its polar factor (``projectors.orthogonal_factor``, SUMO's
+  exact orthogonalisation): :math:`N = G_a + B (c\,U V^\top - R)` where
+  :math:`m = U \Sigma V^\top`.
 
   Args:
     g_a: The gradient in the rows view ``(…, size, c)``.
@@ -67,6 +75,8 @@ def momentum_step(
     b1: Momentum decay.
     reset: Whether the stored momentum is zeroed after this step (the
       official code's refresh quirk).
+    orthogonal_scale: ``None`` (the momentum itself), or the factor on the
+      momentum's polar factor.
 
   Returns:
     ``(N, m)``: the numerator and the new momentum (zero where ``reset``), in
@@ -76,8 +86,11 @@ def momentum_step(
   projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
   decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
   momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
+  inside = momentum
+  if orthogonal_scale is not None:
+    inside = jnp.asarray(orthogonal_scale, dtype) * proj_lib.orthogonal_factor(momentum)
   numerator = g_a.astype(dtype) + proj_lib.back_project(
-    (momentum - projected).astype(g_a.dtype), basis, g_a, dtype
+    (inside - projected).astype(g_a.dtype), basis, g_a, dtype
   )
   return numerator, jnp.where(reset, jnp.zeros_like(momentum), momentum)
 
@@ -112,6 +125,9 @@ def scale_by_subspace_momentum(
   *,
   momentum_on_refresh: OnRefresh = 'official',
   bias_correction: bool = False,
+  orthogonalize: bool = False,
+  consistent_rms: jax.typing.ArrayLike | None = None,
+  other_leaves: OtherLeaves = 'momentum',
   mask: MaskOrFn | None = None,
   dimension_numbers: DimensionNumbersOrFn | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
@@ -132,7 +148,16 @@ def scale_by_subspace_momentum(
   :math:`mn`; the orthogonal complement gets plain SGD. With
   ``bias_correction`` the whole :math:`N_t` is divided by
   :math:`1 - \beta_1^t`, as in the official code. Leaves without the rule
-  (see ``mask``) get a full momentum :math:`N_t = m_t`.
+  (see ``mask``) get a full momentum :math:`N_t = m_t`, or pass unchanged
+  with no state (``other_leaves='pass'``, for another transformation to
+  take them).
+
+  With ``orthogonalize`` (SUMO), the momentum's place in the subspace goes to
+  its polar factor, computed exactly by the SVD of the small ``r x n``
+  matrix: :math:`N_t = c\,B\,U V^\top + (G_t - B R_t)` where :math:`m_t = U
+  \Sigma V^\top`, and :math:`c = \rho \sqrt{\max(m, n)}` with
+  ``consistent_rms`` :math:`\rho` (Moonlight's matching of AdamW's update
+  RMS), or 1.
 
   The step count ``t`` starts at 1. The projector is refreshed at ``t = 1``
   and whenever ``t % update_proj_gap == 0``, inside ``jax.lax.cond`` on the
@@ -165,6 +190,11 @@ def scale_by_subspace_momentum(
     momentum_on_refresh: ``'official'``, ``'reset'``, ``'keep'`` or
       ``'rotate'`` (see above).
     bias_correction: Divide by :math:`1 - \beta_1^t`.
+    orthogonalize: Replace the momentum in the subspace by its polar factor.
+    consistent_rms: With ``orthogonalize``, :math:`\rho > 0` of the factor
+      :math:`\rho \sqrt{\max(m, n)}` on the polar factor; ``None``: 1.
+    other_leaves: What leaves without the rule get: ``'momentum'`` (a full
+      momentum) or ``'pass'`` (unchanged, no state).
     mask: Which leaves get the subspace: a pytree (or prefix) of bools, or a
       callable returning one. Default: ``default_mask``, the linear
       kernels.
@@ -196,6 +226,11 @@ def scale_by_subspace_momentum(
   checks.positive_int('rank', rank)
   checks.refresh_gap('update_proj_gap', update_proj_gap)
   checks.one_of('momentum_on_refresh', momentum_on_refresh, get_args(OnRefresh))
+  checks.one_of('other_leaves', other_leaves, get_args(OtherLeaves))
+  if consistent_rms is not None:
+    if not orthogonalize:
+      raise ValueError('consistent_rms scales the polar factor: it needs orthogonalize=True')
+    checks.positive('consistent_rms', consistent_rms)
   projector = proj_lib.get_projector(projector)
   if checks.is_zero(b1):
     return optax.identity()
@@ -210,7 +245,7 @@ def scale_by_subspace_momentum(
     for p, plan in zip(leaves, plans(params, warn=True)):
       dtype = p.dtype if mu_dtype is None else mu_dtype
       if plan is None:
-        mus.append(otu.zeros_like(p, dtype=dtype))
+        mus.append(otu.zeros_like(p, dtype=dtype) if other_leaves == 'momentum' else None)
         projs.append(None)
         continue
       mus.append(plan.lowrank_zeros(p, dtype))
@@ -269,7 +304,10 @@ def scale_by_subspace_momentum(
         mu_a = jnp.where(refreshed, jnp.zeros_like(mu_a), mu_a)
       if basis is None:
         basis = plan.basis(state_m, g_a, g.dtype)
-      numerator, momentum = momentum_step(g_a, mu_a, basis, b1, reset)
+      scale = None
+      if orthogonalize:
+        scale = 1.0 if consistent_rms is None else consistent_rms * max(g_a.shape[-2:]) ** 0.5
+      numerator, momentum = momentum_step(g_a, mu_a, basis, b1, reset, scale)
       numerator = plan.matrix_rows(numerator)
       if fused:
         numerator = finish(numerator, count_inc, g.dtype, divisor, den_m, divisor.matrix_layout)
@@ -314,6 +352,8 @@ def scale_by_subspace_momentum(
       if plan is not None:
         output, new_mu = update_leaf(g, mu, proj_state, plan, count_inc, divisors[index], refreshed)
         return output, new_mu, proj_state
+      if other_leaves == 'pass':
+        return g, None, proj_state
       dtype = dtypes.compute_dtype(g.dtype, mu.dtype)
       decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
       new_mu = decay * mu.astype(dtype) + (1 - decay) * g.astype(dtype)
