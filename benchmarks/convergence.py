@@ -47,8 +47,9 @@ SWEEP = {
   'muon_bf16': (1e-2, 3e-2, 1e-1),
   'adafactor': (3e-4, 1e-3, 3e-3, 1e-2),
   'adafactor_momentum': (1e-3, 3e-3, 1e-2),
-  'contrib_galore': (3e-3, 1e-2, 3e-2),
+  'contrib_galore': (3e-3, 1e-2, 3e-2, 1e-1),
   'sumo': (1e-3, 3e-3, 1e-2, 3e-2),
+  'sumo_sn': (3e-3, 1e-2, 3e-2),
 }
 # The best of SWEEP on BASE (python -m benchmarks.convergence --sweep); each inside its range.
 TUNED = {

@@ -393,8 +393,12 @@ class SumoReference:
   momentum into a new basis, Algorithm 1's ``m <- Q_new^T Q_old m``; the
   code keeps it (``'keep'``). The norm-growth limiter is the code's, on
   ``O``. Unprojected parameters get the code's AdamW backup (``eps`` on the
-  uncorrected root, both corrections folded into the step). Decay is left
-  to the test.
+  uncorrected root, both corrections folded into the step). With
+  ``residual='subset_norm'`` (optax_lean's variant), ``G - back(R)`` is
+  AdamSNSM's: over ``1 - b1^t`` and the root of the official 'heuristics'
+  subset norm (one subset per row if ``m >= n``, else per column), times
+  ``sqrt(1 - b2^t)``, before the polar part is added. Decay is left to the
+  test.
   """
 
   def __init__(
@@ -407,6 +411,7 @@ class SumoReference:
     gap=10,
     consistent_rms=0.2,
     policy='keep',
+    residual='gradient',
     gamma=1.1,
     projected=True,
     b1=0.9,
@@ -415,10 +420,10 @@ class SumoReference:
   ):
     self.shape, self.momentum, self.nesterov = shape, momentum, nesterov
     self.rank, self.gap, self.consistent_rms, self.policy = rank, gap, consistent_rms, policy
-    self.gamma, self.projected = gamma, projected
+    self.gamma, self.projected, self.residual = gamma, projected, residual
     self.b1, self.b2, self.eps = b1, b2, eps
     self.k = 0
-    self.basis = self.m = self.v = self.previous_norm = None
+    self.basis = self.m = self.v = self.previous_norm = self.norms = None
 
   def project(self, g):
     return g @ self.basis.T if self.right else self.basis.T @ g
@@ -449,7 +454,13 @@ class SumoReference:
       o = o / (norm + 1e-8) * self.gamma * self.previous_norm
     self.previous_norm = np.linalg.norm(o)
     ratio = 1.0 if self.consistent_rms is None else self.consistent_rms * math.sqrt(max(g.shape))
-    return g - self.back(r - ratio * o)
+    if self.residual == 'gradient':
+      return g - self.back(r - ratio * o)
+    squares = np.sum(g * g, axis=1 if self.right else 0, keepdims=True)
+    self.norms = (1 - self.b2) * squares + (0 if self.norms is None else self.b2 * self.norms)
+    step_size = math.sqrt(1 - self.b2**self.k) / (1 - self.momentum**self.k)
+    residual = step_size * (g - self.back(r)) / (np.sqrt(self.norms) + self.eps)
+    return residual + ratio * self.back(o)
 
   def adamw(self, g):
     if self.m is None:

@@ -31,6 +31,9 @@ OPTIMIZERS = {
     name: functools.partial(member.make, gap=GAP, **WITH.get(name, {}))
     for name, member in FAMILY.items()
   },
+  'sumo_subset_norm': lambda: optax_lean.sumo(
+    1e-2, rank=2, update_proj_gap=GAP, residual='subset_norm'
+  ),
   'adamsnsm_random': lambda: optax_lean.adamsnsm(
     1e-2, rank=2, update_proj_gap=GAP, projector='random'
   ),

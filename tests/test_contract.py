@@ -67,6 +67,10 @@ VARIANTS = {
     dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP, projector='uniform', subset_size=-2),
   ),
   'scale_head': (optax_lean.scale, dict(learning_rate=1e-2, output_layer='kernel')),
+  'sumo_subset_norm': (
+    optax_lean.sumo,
+    dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP, residual='subset_norm'),
+  ),
   'adamsnsm_8bit_states': (
     eight_bit(optax_lean.adamsnsm),
     dict(learning_rate=1e-2, rank=2, update_proj_gap=GAP),

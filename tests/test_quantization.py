@@ -102,6 +102,14 @@ def test_quantize_state_keeps_moments_in_bytes_and_the_rest_as_is():
   assert optax_lean.state_bytes(state) == unquantized + codes + scales
 
 
+def test_optax_ema_moments_are_quantised_like_mu():
+  # optax.ema names its moment `ema`: adafactor's momentum and sumo's AdamW leaves keep one.
+  params = {'w': jnp.ones((64, 256)), 'b': jnp.ones(64)}
+  inner = optax.adafactor(1e-2, momentum=0.9)
+  state = optax_lean.quantize_state(inner, min_size=256).init(params)
+  assert quantized_leaves(state) == {".inner[4].ema['w']": True}
+
+
 def regression(params, x):
   return jnp.mean((jnp.tanh(x @ params['w1']) @ params['w2'] - jnp.sin(x[:, :16])) ** 2)
 

@@ -272,14 +272,15 @@ def test_scale(layout):
 
 
 @pytest.mark.parametrize(
-  'momentum, nesterov, policy, consistent_rms',
+  'momentum, nesterov, policy, consistent_rms, residual',
   [
-    (0.9, False, 'keep', 0.2),  # the official code without its Nesterov
-    (0.95, True, 'keep', 0.2),  # the official defaults: an EMA of decay 0.95**2
-    (0.9, False, 'rotate', None),  # Algorithm 1: the momentum rotated, no RMS matching
+    (0.9, False, 'keep', 0.2, 'gradient'),  # the official code without its Nesterov
+    (0.95, True, 'keep', 0.2, 'gradient'),  # the official defaults: an EMA of decay 0.95**2
+    (0.9, False, 'rotate', None, 'gradient'),  # Algorithm 1: rotated, no RMS matching
+    (0.9, False, 'keep', 0.2, 'subset_norm'),  # the variant: AdamSNSM's residual
   ],
 )
-def test_sumo(momentum, nesterov, policy, consistent_rms):
+def test_sumo(momentum, nesterov, policy, consistent_rms, residual):
   b1 = momentum**2 if nesterov else momentum
   tx = optax_lean.sumo(
     LR,
@@ -288,6 +289,7 @@ def test_sumo(momentum, nesterov, policy, consistent_rms):
     projector='svd',
     momentum_on_refresh=policy,
     consistent_rms=consistent_rms,
+    residual=residual,
     **COMMON,
   )
   make = lambda name, shape: SumoReference(
@@ -298,6 +300,7 @@ def test_sumo(momentum, nesterov, policy, consistent_rms):
     gap=GAP,
     consistent_rms=consistent_rms,
     policy=policy,
+    residual=residual,
     projected=MASK[name],
   )
   run_against_reference(tx, make)

@@ -56,6 +56,15 @@ OPTIMIZERS = {
     output_layer='wide',
     dimension_numbers={**DIMS, 'embed': DimensionNumbers()},  # the table normalised too
   ),
+  'sumo_subset_norm_rotate': lambda: optax_lean.sumo(
+    1e-2,
+    rank=4,
+    update_proj_gap=GAP,
+    momentum_on_refresh='rotate',
+    residual='subset_norm',
+    mask=MASK,
+    dimension_numbers=DIMS,
+  ),
   'adamsnsm_randomized_rotate': lambda: optax_lean.adamsnsm(
     1e-2,
     rank=4,

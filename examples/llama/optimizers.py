@@ -339,6 +339,23 @@ REGISTRY: dict[str, OptimizerSpec] = {
     low_rank=True,
     description='SUMO: subspace momentum orthogonalised by an exact SVD, AdamW elsewhere',
   ),
+  'sumo_sn': OptimizerSpec(
+    lambda lr, h: optax_lean.sumo(
+      lr,
+      weight_decay=h.weight_decay,
+      rank=h.rank,
+      update_proj_gap=h.update_proj_gap,
+      projector=h.projector,
+      momentum_on_refresh='keep' if h.momentum_on_refresh == 'official' else h.momentum_on_refresh,
+      residual='subset_norm',
+      subset_size=h.subset_size,
+      mask=linear_kernels,
+      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
+    ),
+    1e-2,
+    low_rank=True,
+    description="SUMO's subspace step with AdamSNSM's subset-norm step outside it",
+  ),
   'muon': OptimizerSpec(
     lambda lr, h: optax.contrib.muon(
       lr,

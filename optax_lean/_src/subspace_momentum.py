@@ -8,6 +8,7 @@ ICML 2025; official code https://github.com/timmytonga/sn-sm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple, get_args
 
 import jax
@@ -55,6 +56,7 @@ def momentum_step(
   b1: jax.typing.ArrayLike,
   reset: jax.Array,
   orthogonal_scale: jax.typing.ArrayLike | None = None,
+  divide_residual: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   r"""One matrix's subspace-momentum step.
 
@@ -66,7 +68,8 @@ def momentum_step(
   ``orthogonal_scale`` :math:`c`, the momentum's place in the subspace goes to
   :math:`c` times its polar factor (``projectors.orthogonal_factor``, SUMO's
   exact orthogonalisation): :math:`N = G_a + B (c\,U V^\top - R)` where
-  :math:`m = U \Sigma V^\top`.
+  :math:`m = U \Sigma V^\top`; ``divide_residual`` then divides the part
+  outside the subspace alone: :math:`N = c\,B U V^\top + D(G_a - B R)`.
 
   Args:
     g_a: The gradient in the rows view ``(…, size, c)``.
@@ -77,6 +80,8 @@ def momentum_step(
       official code's refresh quirk).
     orthogonal_scale: ``None`` (the momentum itself), or the factor on the
       momentum's polar factor.
+    divide_residual: With ``orthogonal_scale``, a function applied to
+      :math:`G_a - B R` (in the rows view) before the polar part is added.
 
   Returns:
     ``(N, m)``: the numerator and the new momentum (zero where ``reset``), in
@@ -86,12 +91,16 @@ def momentum_step(
   projected = proj_lib.project(g_a, basis, dtype, like=mu_a)
   decay = jnp.asarray(b1, dtypes.real_dtype(dtype)).astype(dtype)
   momentum = decay * mu_a.astype(dtype) + (1 - decay) * projected
-  inside = momentum
-  if orthogonal_scale is not None:
-    inside = jnp.asarray(orthogonal_scale, dtype) * proj_lib.orthogonal_factor(momentum)
-  numerator = g_a.astype(dtype) + proj_lib.back_project(
-    (inside - projected).astype(g_a.dtype), basis, g_a, dtype
-  )
+  back = lambda x: proj_lib.back_project(x.astype(g_a.dtype), basis, g_a, dtype)
+  if orthogonal_scale is None:
+    numerator = g_a.astype(dtype) + back(momentum - projected)
+  elif divide_residual is None:
+    polar = jnp.asarray(orthogonal_scale, dtype) * proj_lib.orthogonal_factor(momentum)
+    numerator = g_a.astype(dtype) + back(polar - projected)
+  else:
+    polar = jnp.asarray(orthogonal_scale, dtype) * proj_lib.orthogonal_factor(momentum)
+    residual = divide_residual(g_a.astype(dtype) - back(projected))
+    numerator = residual.astype(dtype) + back(polar)
   return numerator, jnp.where(reset, jnp.zeros_like(momentum), momentum)
 
 
@@ -297,6 +306,11 @@ def scale_by_subspace_momentum(
     if momentum_on_refresh != 'official':
       reset = jnp.zeros([], bool)
     fused = divisor is not None and divisor.layout == plan.layout
+    if orthogonalize and divisor is not None and not fused:
+      raise ValueError(
+        'orthogonalize with a denominator: the denominator must read each selected leaf '
+        'as the subspace does (the same mask and dimension_numbers)'
+      )
 
     def matrix(g_m, mu_m, state_m, den_m, basis=None):
       g_a, mu_a = plan.matrix_rows(g_m), plan.matrix_rows(mu_m)
@@ -307,9 +321,14 @@ def scale_by_subspace_momentum(
       scale = None
       if orthogonalize:
         scale = 1.0 if consistent_rms is None else consistent_rms * max(g_a.shape[-2:]) ** 0.5
-      numerator, momentum = momentum_step(g_a, mu_a, basis, b1, reset, scale)
+      divide = None
+      if fused and orthogonalize:  # the polar part is not divided, nor bias-corrected
+        divide = lambda x: plan.matrix_rows(
+          finish(plan.matrix_rows(x), count_inc, g.dtype, divisor, den_m, divisor.matrix_layout)
+        )
+      numerator, momentum = momentum_step(g_a, mu_a, basis, b1, reset, scale, divide)
       numerator = plan.matrix_rows(numerator)
-      if fused:
+      if fused and not orthogonalize:
         numerator = finish(numerator, count_inc, g.dtype, divisor, den_m, divisor.matrix_layout)
       return numerator, plan.matrix_rows(momentum.astype(mu.dtype))
 

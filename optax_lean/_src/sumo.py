@@ -11,19 +11,23 @@ other leaves passed on) followed by Hugging Face's AdamW on those leaves.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import optax
 
+from optax_lean._src import checks
 from optax_lean._src.adam import validate_adam
 from optax_lean._src.combine import chain_with_decay_after_update, scale_by_ratio
 from optax_lean._src.dimension_numbers import DimensionNumbersOrFn, MaskOrFn
 from optax_lean._src.projectors import Projector
 from optax_lean._src.selection import selection_mask
-from optax_lean._src.subset_norm import scale_by_subset_norm
+from optax_lean._src.subset_norm import SubsetSize, scale_by_subset_norm
 from optax_lean._src.subspace import OnRefresh, RefreshSchedule
 from optax_lean._src.subspace_momentum import scale_by_subspace_momentum
+
+# What the gradient's part outside the subspace gets.
+Residual = Literal['gradient', 'subset_norm']
 
 
 def sumo(
@@ -36,6 +40,8 @@ def sumo(
   projector: str | Projector = 'auto',
   momentum_on_refresh: OnRefresh = 'keep',
   consistent_rms: jax.typing.ArrayLike | None = 0.2,
+  residual: Residual = 'gradient',
+  subset_size: SubsetSize = 'heuristic',
   adam_b1: jax.typing.ArrayLike = 0.9,
   adam_b2: jax.typing.ArrayLike = 0.999,
   eps: jax.typing.ArrayLike = 1e-6,
@@ -87,6 +93,14 @@ def sumo(
     ``learning_rate`` here; its separate ``lr_adam`` is not offered (with
     ``consistent_rms`` both parts share one rate, as in Moonlight).
 
+  ``residual='subset_norm'`` is a variant outside the paper, AdamSNSM's
+  full-space step with SUMO's subspace step: the part outside the subspace
+  is divided by the subset-norm denominator (``scale_by_subset_norm``, with
+  ``adam_b2``, ``eps`` and ``subset_size``) and by :math:`1 - \beta_1^t`, as
+  AdamSNSM's is, while the polar part is not; other leaves then get the same
+  AdamW with ``b1`` as its first-moment decay (``adam_b1`` is not used).
+  It costs AdamSNSM's second moment, one number per subset.
+
   Args:
     learning_rate: A float or an ``optax`` schedule.
     b1: Momentum decay in the subspace, in ``[0, 1)``.
@@ -101,6 +115,11 @@ def sumo(
     momentum_on_refresh: ``'keep'`` (official code), ``'rotate'`` (Algorithm
       1), ``'reset'`` or ``'official'`` (SM's quirk).
     consistent_rms: :math:`\rho > 0`, or ``None`` for a factor of 1.
+    residual: ``'gradient'`` (the paper's and the official code's: the
+      gradient outside the subspace as it is) or ``'subset_norm'`` (divided
+      by the subset norms, see above).
+    subset_size: The subsets of ``residual='subset_norm'`` (see
+      ``scale_by_subset_norm``).
     adam_b1: AdamW's first-moment decay on the other leaves.
     adam_b2: AdamW's second-moment decay on the other leaves.
     eps: AdamW's offset, added to the root of the uncorrected second moment.
@@ -137,28 +156,41 @@ def sumo(
     <https://arxiv.org/abs/2505.24749>`_, NeurIPS 2025
   """
   validate_adam(adam_b1, adam_b2, eps, prefix='adam_')
+  checks.one_of('residual', residual, get_args(Residual))
+  subspace = functools.partial(
+    scale_by_subspace_momentum,
+    b1,
+    rank,
+    update_proj_gap,
+    projector,
+    momentum_on_refresh=momentum_on_refresh,
+    orthogonalize=True,
+    consistent_rms=consistent_rms,
+    mask=mask,
+    dimension_numbers=dimension_numbers,
+    mu_dtype=mu_dtype,
+    projector_dtype=projector_dtype,
+    seed=seed,
+  )
+  if residual == 'subset_norm':
+    core = scale_by_ratio(
+      subspace(bias_correction=True),
+      scale_by_subset_norm(
+        adam_b2,
+        eps,
+        subset_size,
+        bias_correction=True,
+        mask=mask,
+        dimension_numbers=dimension_numbers,
+        nu_dtype=nu_dtype,
+      ),
+    )
+    return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)
   selected = functools.partial(selection_mask, mask=mask, dimension_numbers=dimension_numbers)
   others = lambda tree: jax.tree.map(lambda chosen: not chosen, selected(tree))
   adamw = scale_by_ratio(
     optax.ema(adam_b1, debias=True, accumulator_dtype=mu_dtype),
     scale_by_subset_norm(adam_b2, eps, bias_correction=True, mask=False, nu_dtype=nu_dtype),
   )
-  core = optax.chain(
-    scale_by_subspace_momentum(
-      b1,
-      rank,
-      update_proj_gap,
-      projector,
-      momentum_on_refresh=momentum_on_refresh,
-      orthogonalize=True,
-      consistent_rms=consistent_rms,
-      other_leaves='pass',
-      mask=mask,
-      dimension_numbers=dimension_numbers,
-      mu_dtype=mu_dtype,
-      projector_dtype=projector_dtype,
-      seed=seed,
-    ),
-    optax.masked(adamw, others),
-  )
+  core = optax.chain(subspace(other_leaves='pass'), optax.masked(adamw, others))
   return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)
