@@ -1,6 +1,7 @@
 """Convergence: each optimizer at its tuned learning rate, against AdamW's final loss.
 
-    python -m benchmarks.convergence [--sweep] [--study] [--model 20m] [--optimizers a,b]
+    python -m benchmarks.convergence [--sweep] [--study [adamsnsm,sumo]] [--model 20m]
+                                     [--optimizers a,b]
                                      [--out FILE] [--plots DIR]
 
 Every run uses the example trainer with the same data (the bundled corpus),
@@ -9,7 +10,8 @@ optimizer and ``TUNED`` the best of them (``--sweep`` reruns the sweep and
 prints the best). The report gives each optimizer's final validation loss and
 the steps and tokens it needs to reach AdamW's final validation loss (the
 paper's headline: AdamSNSM in at most half of AdamW's steps). ``--study``
-varies AdamSNSM's rank, refresh gap, momentum policy and projector.
+varies AdamSNSM's (``--study sumo``: SUMO's) rank, refresh gap and momentum
+policy.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ SWEEP = {
   'muon_bf16': (1e-2, 3e-2, 1e-1),
   'adafactor': (3e-4, 1e-3, 3e-3, 1e-2),
   'adafactor_momentum': (1e-3, 3e-3, 1e-2),
-  'contrib_galore': (3e-3, 1e-2, 3e-2, 1e-1),
+  'contrib_galore': (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
   'sumo': (1e-3, 3e-3, 1e-2, 3e-2),
   'sumo_sn': (3e-3, 1e-2, 3e-2),
 }
@@ -62,20 +64,40 @@ TUNED = {
   'scale': 3e-3,
   'muon': 3e-2,
   'muon_bf16': 3e-2,
+  'adafactor': 3e-3,
+  'adafactor_momentum': 3e-3,
+  'contrib_galore': 1e-1,
+  'sumo': 1e-2,
+  'sumo_sn': 1e-2,
 }
-# AdamSNSM variants, each at STUDY_LEARNING_RATE (the trainer's default for AdamSNSM).
-STUDY_LEARNING_RATE = 1e-2
-STUDY = {
-  'defaults (rank 32, gap 100, svd, official)': {},
-  'rank 16': dict(rank=16),
-  'rank 64': dict(rank=64),
-  'rank 128 (full)': dict(rank=128),
-  'gap 25': dict(update_proj_gap=25),
-  'gap 300': dict(update_proj_gap=300),
-  "momentum 'keep'": dict(momentum_on_refresh='keep'),
-  "momentum 'rotate'": dict(momentum_on_refresh='rotate'),
-  "momentum 'reset'": dict(momentum_on_refresh='reset'),
-  'randomized_svd': dict(projector='randomized_svd'),
+# Per optimizer: the rate of its variants (the trainer's default for it) and the variants.
+STUDIES = {
+  'adamsnsm': (
+    1e-2,
+    {
+      'defaults (rank 32, gap 100, svd, official)': {},
+      'rank 16': dict(rank=16),
+      'rank 64': dict(rank=64),
+      'rank 128 (full)': dict(rank=128),
+      'gap 25': dict(update_proj_gap=25),
+      'gap 300': dict(update_proj_gap=300),
+      "momentum 'keep'": dict(momentum_on_refresh='keep'),
+      "momentum 'rotate'": dict(momentum_on_refresh='rotate'),
+      "momentum 'reset'": dict(momentum_on_refresh='reset'),
+      'randomized_svd': dict(projector='randomized_svd'),
+    },
+  ),
+  'sumo': (
+    1e-2,
+    {
+      'defaults (rank 32, gap 100, keep)': {},
+      'rank 16': dict(rank=16),
+      'rank 64': dict(rank=64),
+      'gap 25': dict(update_proj_gap=25),
+      'gap 300': dict(update_proj_gap=300),
+      "momentum 'rotate'": dict(momentum_on_refresh='rotate'),
+    },
+  ),
 }
 
 
@@ -110,22 +132,28 @@ def headline(base: TrainConfig, out_dir: str, done: dict) -> list[train_lib.RunR
   return tuned + [result for name, result in done.items() if name not in TUNED]
 
 
-def study(base: TrainConfig, out_dir: str, done: dict) -> str:
-  """AdamSNSM variants at ``STUDY_LEARNING_RATE``, against tuned AdamW's final loss."""
+def study(base: TrainConfig, out_dir: str, done: dict, name: str) -> str:
+  """``name``'s variants in ``STUDIES``, against tuned AdamW's final loss."""
   results = [done.get('adamw') or run(base, 'adamw', TUNED['adamw'], f'{out_dir}/adamw')]
   labels = ['adamw']
-  for label, overrides in STUDY.items():
-    results.append(
-      run(base, 'adamsnsm', STUDY_LEARNING_RATE, f'{out_dir}/study/{label}', **overrides)
-    )
-    labels.append(f'adamsnsm, {label}')
+  learning_rate, variants = STUDIES[name]
+  for label, overrides in variants.items():
+    results.append(run(base, name, learning_rate, f'{out_dir}/study/{name}/{label}', **overrides))
+    labels.append(f'{name}, {label}')
   return compare.table(results, labels)
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--sweep', action='store_true', help='rerun the learning-rate sweep')
-  parser.add_argument('--study', action='store_true', help="vary AdamSNSM's rank, gap, policy")
+  parser.add_argument(
+    '--study',
+    nargs='?',
+    const='adamsnsm',
+    default=None,
+    help=f'vary the rank, gap and refresh policy of these optimizers (of {", ".join(STUDIES)}; '
+    'default: adamsnsm)',
+  )
   parser.add_argument('--steps', type=int, default=BASE.steps)
   parser.add_argument('--model', default=BASE.model, help='config name (default: %(default)s)')
   parser.add_argument(
@@ -152,8 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.plots, exist_ok=True)
     compare.plot(results, os.path.join(args.plots, f'convergence_{base.model}.png'))
     compare.state_plot(results, os.path.join(args.plots, f'loss_vs_state_{base.model}.png'))
-  if args.study:
-    sections.append(study(base, args.out_dir, done))
+  for name in args.study.split(',') if args.study else []:
+    if name not in STUDIES:
+      parser.error(f'--study: no study of {name}; choose from {", ".join(STUDIES)}')
+    sections.append(study(base, args.out_dir, done, name))
     print(sections[-1], flush=True)
   report.write(sections, args.out)
 

@@ -61,6 +61,51 @@ def test_full_rank_rotate_equals_full_momentum(projector):
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def polar(x):
+  """``U V^T`` of each matrix of ``x`` (float64 NumPy)."""
+  u, _, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+  return u @ vt
+
+
+@pytest.mark.parametrize('projector', ['svd', 'random'])
+def test_full_rank_orthogonalised_momentum_is_the_polar_factor_of_full_momentum(projector):
+  # A subspace of the whole smaller axis leaves no residual, and rotating keeps the momentum
+  # whole: Q polar(Q^T M) = polar(M) for an orthogonal Q. So SUMO at full rank is Muon with
+  # an exact polar factor.
+  grads = gradient_stream(12)
+  lean = optax_lean.scale_by_subspace_momentum(
+    0.9,
+    rank=9,
+    update_proj_gap=4,
+    projector=projector,
+    momentum_on_refresh='rotate',
+    orthogonalize=True,
+    mask=ALL,
+    dimension_numbers=DIMS,
+  )
+  with pytest.warns(UserWarning, match='exceeds'):
+    got, _ = outputs(lean, grads)
+  momentum = jax.tree.map(jnp.zeros_like, grads[0])
+  for g, u in zip(grads, got):
+    momentum = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, momentum, g)
+    want = jax.tree.map(polar, momentum)
+    chex.assert_trees_all_close(u, want, rtol=1e-4, atol=1e-5)
+
+
+def test_orthogonal_factor_drops_the_null_directions():
+  from optax_lean._src.projectors import orthogonal_factor
+
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(5, 1)), rng.normal(size=(1, 8))
+  rank_one = orthogonal_factor(jnp.asarray(a @ b, jnp.float32))
+  np.testing.assert_allclose(rank_one, a @ b / np.linalg.norm(a) / np.linalg.norm(b), atol=1e-6)
+  assert not np.any(orthogonal_factor(jnp.zeros((5, 8))))
+  full = orthogonal_factor(jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float32))
+  np.testing.assert_allclose(
+    full @ np.swapaxes(full, -1, -2), np.broadcast_to(np.eye(5), (3, 5, 5)), atol=1e-5
+  )
+
+
 @pytest.mark.parametrize('projector', ['svd', 'topk', 'uniform', 'random', 'randomized_svd'])
 def test_policies_agree_without_refresh(projector):
   grads = gradient_stream(12)

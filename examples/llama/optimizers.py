@@ -177,7 +177,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
   ),
   'adafactor': OptimizerSpec(
     lambda lr, h: adafactor(lr, h, momentum=None),
-    1e-2,
+    3e-3,
     description='optax.adafactor: factored second moment, no momentum (peer)',
   ),
   'adafactor_momentum': OptimizerSpec(
@@ -319,7 +319,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
       weight_decay=h.weight_decay,
       weight_dimension_numbers=contrib_galore_dimension_numbers,
     ),
-    1e-2,
+    1e-1,
     low_rank=True,
     description='optax.contrib.galore: GaLore with Adam, scale 0.25, unscanned models (peer)',
   ),

@@ -94,13 +94,13 @@ def momentum_step(
   back = lambda x: proj_lib.back_project(x.astype(g_a.dtype), basis, g_a, dtype)
   if orthogonal_scale is None:
     numerator = g_a.astype(dtype) + back(momentum - projected)
-  elif divide_residual is None:
-    polar = jnp.asarray(orthogonal_scale, dtype) * proj_lib.orthogonal_factor(momentum)
-    numerator = g_a.astype(dtype) + back(polar - projected)
   else:
     polar = jnp.asarray(orthogonal_scale, dtype) * proj_lib.orthogonal_factor(momentum)
-    residual = divide_residual(g_a.astype(dtype) - back(projected))
-    numerator = residual.astype(dtype) + back(polar)
+    if divide_residual is None:
+      numerator = g_a.astype(dtype) + back(polar - projected)
+    else:
+      residual = divide_residual(g_a.astype(dtype) - back(projected))
+      numerator = residual.astype(dtype) + back(polar)
   return numerator, jnp.where(reset, jnp.zeros_like(momentum), momentum)
 
 
@@ -182,8 +182,8 @@ def scale_by_subspace_momentum(
     projection.
 
   Args:
-    b1: Momentum decay, in ``[0, 1)``. With ``b1 = 0`` there is no state and
-      the gradient passes through.
+    b1: Momentum decay, in ``[0, 1)``. With ``b1 = 0`` (and no
+      ``orthogonalize``) there is no state and the gradient passes through.
     rank: ``None`` (default: 128) or the subspace rank ``r >= 1``, clipped
       (with a warning) to what each matrix allows: ``min(in, out)`` for the
       SVD family, ``max(in, out)`` for coordinate subsets.
@@ -241,7 +241,7 @@ def scale_by_subspace_momentum(
       raise ValueError('consistent_rms scales the polar factor: it needs orthogonalize=True')
     checks.positive('consistent_rms', consistent_rms)
   projector = proj_lib.get_projector(projector)
-  if checks.is_zero(b1):
+  if checks.is_zero(b1) and not orthogonalize:
     return optax.identity()
 
   def plans(tree, warn=False):
