@@ -91,3 +91,22 @@ def test_decompositions_in_a_loop_count_once_per_trip():
   )
   assert looped.matrices['geqrf'] == whole.matrices['geqrf'] == 3
   assert looped.flops == whole.flops > 0
+
+
+def test_state_plot_labels_keep_clear_of_each_other_and_of_the_points():
+  from examples.llama.compare import label_positions
+
+  # Three optimizers at almost the same state and loss, as sumo, sumo_sn and adamsnsm are.
+  points = [(22.6, 1.7826), (25.1, 1.7833), (22.6, 1.7887), (100.0, 1.8816)]
+  names = ['adamsnsm 0.03', 'sumo 0.01', 'sumo_sn 0.01', 'adamw 0.001']
+  span = 1.8816 - 1.7826
+  labels = label_positions(points, names, span)
+  boxes = [
+    (x if align == 'left' else x - 0.8 * len(name), y, len(name))
+    for (x, y, align), name in zip(labels, names)
+  ]
+  for i, (left, bottom, chars) in enumerate(boxes):
+    for other_left, other_bottom, other_chars in boxes[i + 1 :]:
+      apart_x = left + 0.8 * chars <= other_left or other_left + 0.8 * other_chars <= left
+      assert apart_x or abs(bottom - other_bottom) >= 0.04 * span
+  assert labels[3] == (101.0, 1.8816, 'left')  # a label with room stays beside its point

@@ -78,26 +78,76 @@ def plot(results: list[train_lib.RunResult], path: str, labels: list[str] | None
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(8.5, 4.5))
   labels = labels or [r.config.optimizer for r in results]
-  for label, result in zip(labels, results):
+  colors = plt.get_cmap('tab20').colors
+  tails = []  # each curve from its second evaluation on, which sets the vertical range
+  for index, (label, result) in enumerate(zip(labels, results)):
     evals = [r for r in result.history if 'val_loss' in r]
     ax.plot(
       [r['tokens'] / 1e6 for r in evals],
       [r['val_loss'] for r in evals],
       marker='o',
       markersize=3,
+      color=colors[index % len(colors)],
+      linestyle='-' if index < len(colors) else '--',
       label=label,
     )
+    tails += [r['val_loss'] for r in evals[1:]]
   cfg = results[0].config
   ax.set_xlabel('training tokens (millions)')
   ax.set_ylabel('validation loss (nats/token)')
   ax.set_title(f'LLaMA {cfg.model}, batch {cfg.batch_size}x{cfg.seq_len}, {cfg.steps} steps')
   ax.grid(alpha=0.3)
-  ax.legend()
+  if tails:
+    low, high = min(tails), max(tails)
+    ax.set_ylim(low - 0.03 * (high - low), high + 0.03 * (high - low))
+  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def label_positions(
+  points: list[tuple[float, float]], names: list[str], span: float
+) -> list[tuple[float, float, str]]:
+  """Where each point's label goes: ``(x, y, alignment)`` in data coordinates, overlapping no other.
+
+  A label is taken as 0.8 state-percent per character wide and 4% of the loss
+  ``span`` high, and keeps off the points and the labels placed before it. Each
+  tries the right of its point, then its left, level with it or a row lower,
+  and otherwise moves up a row at a time.
+  """
+  height, gap = 0.04 * span, 1.0
+  # left, right, bottom of each label placed, and of each point (labels keep off them too)
+  placed = [(x - gap, x + gap, y) for x, y in points]
+
+  def free(left, right, bottom, own):
+    return not any(
+      left < box_right and box_left < right and abs(bottom - box_bottom) < height
+      for box_left, box_right, box_bottom in placed
+      if (box_left, box_right, box_bottom) != own
+    )
+
+  positions: list[tuple[float, float, str]] = [(0.0, 0.0, 'left')] * len(points)
+  for index in sorted(range(len(points)), key=lambda i: points[i][1]):
+    x, y = points[index]
+    width = 0.8 * len(names[index])
+    own = (x - gap, x + gap, y)
+    candidates = [
+      (x + gap, y, 'left'),
+      (x - gap, y, 'right'),
+      (x + gap, y - height, 'left'),
+      (x - gap, y - height, 'right'),
+    ]
+    candidates += [(x + gap, y + k * height, 'left') for k in range(1, 50)]
+    for label_x, label_y, align in candidates:
+      left = label_x if align == 'left' else label_x - width
+      if free(left, left + width, label_y, own):
+        placed.append((left, left + width, label_y))
+        positions[index] = (label_x, label_y, align)
+        break
+  return positions
 
 
 def state_plot(results: list[train_lib.RunResult], path: str) -> None:
@@ -107,18 +157,29 @@ def state_plot(results: list[train_lib.RunResult], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for result in results:
-    state = 100 * result.state_bytes / result.adamw_state_bytes
-    loss = final_val_loss(result)
-    ax.scatter(state, loss)
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  points = [(100 * r.state_bytes / r.adamw_state_bytes, final_val_loss(r)) for r in results]
+  names = [f'{r.config.optimizer} {r.config.peak_learning_rate():g}' for r in results]
+  xs, ys = zip(*points)
+  span = max(ys) - min(ys) or 1.0
+  colors = plt.get_cmap('tab20').colors
+  labels = label_positions(points, names, span)
+  for index, ((x, y), (label_x, label_y, align), name) in enumerate(zip(points, labels, names)):
+    color = colors[index % len(colors)]
+    ax.scatter(x, y, color=color, zorder=3)
+    far = abs(label_y - y) > 0.05 * span
     ax.annotate(
-      f'{result.config.optimizer} {result.config.peak_learning_rate():g}',
-      (state, loss),
-      textcoords='offset points',
-      xytext=(4, 4),
+      name,
+      (x, y),
+      xytext=(label_x, label_y),
+      ha=align,
+      va='center',
       fontsize=8,
+      color='black',
+      arrowprops=dict(arrowstyle='-', lw=0.5, color=color) if far else None,
     )
+  ax.set_ylim(min(ys) - 0.06 * span, max(ys) + 0.1 * span)
+  ax.set_xlim(-12, max(xs) + 20)
   cfg = results[0].config
   ax.set_xlabel("optimizer state (% of AdamW's)")
   ax.set_ylabel('final validation loss (nats/token)')
