@@ -132,7 +132,8 @@ def train_table(model: str, rounds: int, names: list[str], bf16: bool) -> str:
     steps=10**6,
     batch_size=8,
     mesh='data=1',
-    bf16=bf16,
+    param_dtype='bfloat16' if bf16 else 'float32',
+    compute_dtype='bfloat16' if bf16 else 'float32',
     progress=False,
     update_proj_gap=NEVER,
   )
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--update-model', default='60m')
   parser.add_argument('--rank', type=int, default=128)
   parser.add_argument('--train-model', default='20m')
-  parser.add_argument('--train-optimizers', default='adamw,adamsn,adamsnsm')
+  parser.add_argument(
+    '--train-optimizers', default='adamw,adamsn,adamsnsm,sumo,muon,adafactor,contrib_galore'
+  )
   parser.add_argument('--rounds', type=int, default=10)
   parser.add_argument('--bf16', action='store_true', help='bf16 parameters and compute')
   parser.add_argument('--out', default=None)
