@@ -41,10 +41,9 @@ def outputs(tx, grads, params=None):
   return result, state
 
 
-@pytest.mark.parametrize('projector', ['svd', 'randomized_svd', 'random'])
-def test_full_rank_rotate_equals_full_momentum(projector):
-  grads = gradient_stream(16)
-  lean = optax_lean.scale_by_subspace_momentum(
+def full_rank_rotating(projector, **options):
+  """Subspace momentum over the whole smaller axis of every leaf, rotated at each refresh."""
+  return optax_lean.scale_by_subspace_momentum(
     0.9,
     rank=9,
     update_proj_gap=4,
@@ -52,8 +51,14 @@ def test_full_rank_rotate_equals_full_momentum(projector):
     momentum_on_refresh='rotate',
     mask=ALL,
     dimension_numbers=DIMS,
-    bias_correction=True,
+    **options,
   )
+
+
+@pytest.mark.parametrize('projector', ['svd', 'randomized_svd', 'random'])
+def test_full_rank_rotate_equals_full_momentum(projector):
+  grads = gradient_stream(16)
+  lean = full_rank_rotating(projector, bias_correction=True)
   full = optax_lean.scale_by_subspace_momentum(0.9, mask=NONE, bias_correction=True)
   with pytest.warns(UserWarning, match='exceeds'):  # rank 9 is clipped to 6 and 5
     got, _ = outputs(lean, grads)
@@ -67,22 +72,16 @@ def polar(x):
   return u @ vt
 
 
+@pytest.mark.parametrize('bias_correction', [False, True])
 @pytest.mark.parametrize('projector', ['svd', 'random'])
-def test_full_rank_orthogonalised_momentum_is_the_polar_factor_of_full_momentum(projector):
+def test_full_rank_orthogonalised_momentum_is_the_polar_factor_of_full_momentum(
+  projector, bias_correction
+):
   # A subspace of the whole smaller axis leaves no residual, and rotating keeps the momentum
   # whole: Q polar(Q^T M) = polar(M) for an orthogonal Q. So SUMO at full rank is Muon with
-  # an exact polar factor.
+  # an exact polar factor, which a bias correction (of the residual alone) leaves as it is.
   grads = gradient_stream(12)
-  lean = optax_lean.scale_by_subspace_momentum(
-    0.9,
-    rank=9,
-    update_proj_gap=4,
-    projector=projector,
-    momentum_on_refresh='rotate',
-    orthogonalize=True,
-    mask=ALL,
-    dimension_numbers=DIMS,
-  )
+  lean = full_rank_rotating(projector, orthogonalize=True, bias_correction=bias_correction)
   with pytest.warns(UserWarning, match='exceeds'):
     got, _ = outputs(lean, grads)
   momentum = jax.tree.map(jnp.zeros_like, grads[0])

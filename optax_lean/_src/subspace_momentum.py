@@ -198,7 +198,8 @@ def scale_by_subspace_momentum(
       (coordinate subsets of the larger axis), or a ``Projector``.
     momentum_on_refresh: ``'official'``, ``'reset'``, ``'keep'`` or
       ``'rotate'`` (see above).
-    bias_correction: Divide by :math:`1 - \beta_1^t`.
+    bias_correction: Divide by :math:`1 - \beta_1^t` (with ``orthogonalize``,
+      the part outside the subspace only, as a divisor of ``scale_by_ratio``).
     orthogonalize: Replace the momentum in the subspace by its polar factor.
     consistent_rms: With ``orthogonalize``, :math:`\rho > 0` of the factor
       :math:`\rho \sqrt{\max(m, n)}` on the polar factor; ``None``: 1.
@@ -321,15 +322,17 @@ def scale_by_subspace_momentum(
       scale = None
       if orthogonalize:
         scale = 1.0 if consistent_rms is None else consistent_rms * max(g_a.shape[-2:]) ** 0.5
+      denominators = (den_m, divisor.matrix_layout) if fused else ()
       divide = None
-      if fused and orthogonalize:  # the polar part is not divided, nor bias-corrected
+      if orthogonalize and (fused or bias_correction):
+        # A polar factor has no scale: the correction and the divisor act outside the subspace.
         divide = lambda x: plan.matrix_rows(
-          finish(plan.matrix_rows(x), count_inc, g.dtype, divisor, den_m, divisor.matrix_layout)
+          finish(plan.matrix_rows(x), count_inc, g.dtype, divisor, *denominators)
         )
       numerator, momentum = momentum_step(g_a, mu_a, basis, b1, reset, scale, divide)
       numerator = plan.matrix_rows(numerator)
       if fused and not orthogonalize:
-        numerator = finish(numerator, count_inc, g.dtype, divisor, den_m, divisor.matrix_layout)
+        numerator = finish(numerator, count_inc, g.dtype, divisor, *denominators)
       return numerator, plan.matrix_rows(momentum.astype(mu.dtype))
 
     # The output overwrites the gradient when it is stored in the gradient's
@@ -344,7 +347,8 @@ def scale_by_subspace_momentum(
       devices=sharding.device_count(g),
     )
     output = plan.layout.from_matrix(output)
-    return output if fused else finish(output, count_inc, g.dtype, divisor), mu
+    done = fused or orthogonalize  # already corrected and divided, matrix by matrix
+    return output if done else finish(output, count_inc, g.dtype, divisor), mu
 
   def update_fn(updates, state, params=None, *, layer=None, divisors=None, **extra_args):
     del params, extra_args
