@@ -129,6 +129,24 @@ def adafactor(
   )
 
 
+def sumo(lr: optax.Schedule, h: Hyperparameters, **options: Any) -> optax.GradientTransformation:
+  """``optax_lean.sumo`` with the shared hyperparameters and ``options``.
+
+  ``--momentum-on-refresh official`` is each method's own: SUMO's code keeps
+  the momentum (``'keep'``).
+  """
+  return optax_lean.sumo(
+    lr,
+    weight_decay=h.weight_decay,
+    rank=h.rank,
+    update_proj_gap=h.update_proj_gap,
+    projector=h.projector,
+    momentum_on_refresh='keep' if h.momentum_on_refresh == 'official' else h.momentum_on_refresh,
+    **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
+    **options,
+  )
+
+
 def contrib_galore_dimension_numbers(params: Any) -> Any:
   """``optax.contrib.galore``'s reading of the attention and MLP kernels; ``None`` elsewhere.
 
@@ -324,33 +342,14 @@ REGISTRY: dict[str, OptimizerSpec] = {
     description='optax.contrib.galore: GaLore with Adam, scale 0.25, unscanned models (peer)',
   ),
   'sumo': OptimizerSpec(
-    lambda lr, h: optax_lean.sumo(
-      lr,
-      weight_decay=h.weight_decay,
-      rank=h.rank,
-      update_proj_gap=h.update_proj_gap,
-      projector=h.projector,
-      # 'official' is each method's own: SUMO's code keeps the momentum.
-      momentum_on_refresh='keep' if h.momentum_on_refresh == 'official' else h.momentum_on_refresh,
-      mask=attn_mlp_kernels,
-      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
-    ),
+    lambda lr, h: sumo(lr, h, mask=attn_mlp_kernels),
     1e-2,
     low_rank=True,
     description='SUMO: subspace momentum orthogonalised by an exact SVD, AdamW elsewhere',
   ),
   'sumo_sn': OptimizerSpec(
-    lambda lr, h: optax_lean.sumo(
-      lr,
-      weight_decay=h.weight_decay,
-      rank=h.rank,
-      update_proj_gap=h.update_proj_gap,
-      projector=h.projector,
-      momentum_on_refresh='keep' if h.momentum_on_refresh == 'official' else h.momentum_on_refresh,
-      residual='subset_norm',
-      subset_size=h.subset_size,
-      mask=linear_kernels,
-      **state_dtypes(h, 'mu_dtype', 'nu_dtype', 'projector_dtype'),
+    lambda lr, h: sumo(
+      lr, h, mask=linear_kernels, residual='subset_norm', subset_size=h.subset_size
     ),
     1e-2,
     low_rank=True,

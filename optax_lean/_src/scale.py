@@ -330,7 +330,7 @@ def scale(
   matrices = functools.partial(
     selection_mask, mask=mask, dimension_numbers=dimension_numbers, embeddings=True
   )
-  others = lambda tree: jax.tree.map(lambda chosen: not chosen, matrices(tree))
+  others = functools.partial(matrices, complement=True)
   return optax.chain(
     core,
     add_decay_before_update(weight_decay, weight_decay_mask),

@@ -355,11 +355,14 @@ def selection_mask(
   dimension_numbers: DimensionNumbersOrFn | None = None,
   *,
   embeddings: bool = False,
+  complement: bool = False,
 ) -> Any:
   """A pytree of bools shaped like ``tree``: the leaves ``resolve_layouts`` reads as matrices.
 
   For chaining a transformation onto exactly the leaves a matrix rule took
-  (``optax.masked``, or another rule's ``mask``).
+  (``optax.masked``, or another rule's ``mask``), or, with ``complement``, onto
+  the others.
   """
   layouts = resolve_layouts(tree, mask, dimension_numbers, embeddings=embeddings)
-  return jax.tree.unflatten(jax.tree.structure(tree), [layout is not None for layout in layouts])
+  chosen = [(layout is not None) != complement for layout in layouts]
+  return jax.tree.unflatten(jax.tree.structure(tree), chosen)

@@ -186,8 +186,9 @@ def sumo(
       ),
     )
     return chain_with_decay_after_update(core, learning_rate, weight_decay, weight_decay_mask)
-  selected = functools.partial(selection_mask, mask=mask, dimension_numbers=dimension_numbers)
-  others = lambda tree: jax.tree.map(lambda chosen: not chosen, selected(tree))
+  others = functools.partial(
+    selection_mask, mask=mask, dimension_numbers=dimension_numbers, complement=True
+  )
   adamw = scale_by_ratio(
     optax.ema(adam_b1, debias=True, accumulator_dtype=mu_dtype),
     scale_by_subset_norm(adam_b2, eps, bias_correction=True, mask=False, nu_dtype=nu_dtype),
