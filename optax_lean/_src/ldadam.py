@@ -310,7 +310,11 @@ def scale_by_ldadam(
 
     fields = (state.mu, state.nu, state.projector, state.error)
     outputs, (mu, nu, projector_state, error) = leafwise.map_leaves(
-      update_leaf_or_plain, updates, fields, plans(updates)
+      update_leaf_or_plain,
+      updates,
+      fields,
+      plans(updates),
+      in_sequence=True,
     )
     return outputs, ScaleByLDAdamState(
       count=count_inc, mu=mu, nu=nu, projector=projector_state, error=error

@@ -4,6 +4,14 @@ An update walks the gradient tree leaf by leaf, with the matching leaves of
 its state fields and the leaf's static plan (its subspace, or its subset-norm
 rule), and stores what it computes back in the dtypes and shardings of what it
 replaces. ``map_leaves`` is that walk, written once.
+
+Leaves that are separate arrays (a model without scanned layers) have no loop
+to order their updates, and XLA's schedulers are free to run them side by
+side, or to start the work that reads the state alone (a random basis drawn
+from a stored key, a moment rotated into a new basis) while backpropagation
+is still running. Each leaf's temporaries are then live at once. With
+``in_sequence=True`` every leaf's inputs are made to depend on the previous
+leaf's output (``after``), so one leaf's temporaries are live at a time.
 """
 
 from __future__ import annotations
@@ -12,9 +20,64 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_lean._src import sharding
+
+
+def _summary(x: jax.Array) -> jax.Array | None:
+  """A scalar that reads every entry of ``x`` (``None`` if it has none).
+
+  A reduction, not one entry: slicing a sharded axis is refused on Explicit
+  meshes, while a reduction's all-reduce is one scalar.
+  """
+  if x.size == 0:
+    return None
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return jnp.max(jnp.real(x))
+
+
+def token_of(tree: Any) -> jax.Array | None:
+  """An ``int32`` zero that XLA cannot compute before ``tree``'s first non-empty leaf.
+
+  It is one bit of the leaf's maximum (whether it is NaN, or its lowest bit)
+  shifted out: zero whatever the leaf holds, but not known to be zero at
+  compile time, so it carries a data dependency without changing any value.
+  """
+  for leaf in jax.tree.leaves(tree):
+    summary = _summary(leaf)
+    if summary is not None:
+      if jnp.issubdtype(summary.dtype, jnp.inexact):
+        bit = jnp.isnan(summary).astype(jnp.int32)
+      else:
+        bit = summary.astype(jnp.int32) & 1
+      return jnp.right_shift(bit, 1)
+  return None
+
+
+def after(token: jax.Array | None, tree: Any) -> Any:
+  """``tree`` unchanged, bit for bit, but computed after ``token`` (from ``token_of``).
+
+  Each array has the zero ``token`` subtracted (``x - 0`` keeps every value,
+  a negative zero and NaN included), or XOR-ed in (booleans), or subtracted
+  from its key data (PRNG keys).
+  """
+  if token is None:
+    return tree
+
+  def depend(x):
+    if x is None:
+      return None
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.random.key_data(x)
+      return jax.random.wrap_key_data(data - token.astype(data.dtype), impl=jax.random.key_impl(x))
+    if x.dtype == jnp.bool_:
+      return x ^ token.astype(jnp.bool_)
+    return x - token.astype(x.dtype)
+
+  return jax.tree.map(depend, tree)
 
 
 def map_leaves(
@@ -25,6 +88,7 @@ def map_leaves(
   *,
   outputs_like: optax.Updates | None = None,
   cast_outputs: bool = True,
+  in_sequence: bool = False,
 ) -> tuple[optax.Updates, tuple[Any, ...]]:
   """Runs ``update_leaf`` on every leaf of ``updates`` and rebuilds the trees.
 
@@ -41,6 +105,9 @@ def map_leaves(
       ``updates``.
     cast_outputs: Whether outputs are stored like ``outputs_like``; without,
       they are returned as computed.
+    in_sequence: Whether each leaf's inputs wait for the previous leaf's
+      output (the first leaf's state waits for its gradient), so that the
+      leaves' temporaries are live one leaf at a time. Values do not change.
 
   Returns:
     ``(outputs, new_fields)``: the outputs in the dtype and sharding of
@@ -54,8 +121,14 @@ def map_leaves(
     [None] * len(leaves) if field is None else treedef.flatten_up_to(field) for field in fields
   ]
   outputs, new_columns = [], [[] for _ in fields]
+  token = token_of(leaves) if in_sequence else None
   for index, (g, like, plan, *olds) in enumerate(zip(leaves, likes, plans, *columns)):
+    if in_sequence:
+      g, olds = after(token, (g, olds))
     output, *news = update_leaf(index, g, *olds, plan)
+    if in_sequence:
+      latest = token_of((output, news))
+      token = token if latest is None else latest
     if output is not None and cast_outputs:
       output = sharding.cast_like(output, like)
     outputs.append(output)

@@ -308,7 +308,11 @@ class SubspaceAdam:
 
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     outputs, fields = leafwise.map_leaves(
-      update_leaf, updates, tuple(map(unflatten, (mus, nus, projs))), leaf_plans
+      update_leaf,
+      updates,
+      tuple(map(unflatten, (mus, nus, projs))),
+      leaf_plans,
+      in_sequence=True,
     )
     return outputs, ScaleBySubspaceAdamState(count_inc, *fields), observed
 

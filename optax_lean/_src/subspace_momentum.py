@@ -384,7 +384,11 @@ def scale_by_subspace_momentum(
 
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     outputs, (mu, projector_state) = leafwise.map_leaves(
-      update_leaf_or_plain, updates, (unflatten(mus), unflatten(projs)), leaf_plans
+      update_leaf_or_plain,
+      updates,
+      (unflatten(mus), unflatten(projs)),
+      leaf_plans,
+      in_sequence=True,
     )
     return outputs, ScaleBySubspaceMomentumState(count=count_inc, mu=mu, projector=projector_state)
 
