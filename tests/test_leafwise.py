@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from optax_lean._src import leafwise
+from optax_lean._src.dimension_numbers import MatrixLayout
 
 VALUES = {
   'float32': jnp.array([-0.0, 0.0, jnp.nan, -jnp.inf, 1.5e-45, 3.0], jnp.float32),
@@ -66,6 +67,14 @@ def test_map_leaves_in_sequence_gives_the_same_updates():
   def walk(in_sequence):
     return leafwise.map_leaves(update_leaf, grads, (state,), [None] * 3, in_sequence=in_sequence)
 
-  plain, ordered = walk(False), jax.jit(lambda: walk(True))()
-  for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(ordered)):
-    assert bits(x) == bits(y)
+  plain = walk(False)
+  for in_sequence in (True, [False, True, True]):
+    ordered = jax.jit(lambda in_sequence=in_sequence: walk(in_sequence))()
+    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(ordered)):
+      assert bits(x) == bits(y)
+
+
+def test_only_separate_matrices_are_gated():
+  matrix = MatrixLayout((4, 6), (), (0,), (1,))
+  stack = MatrixLayout((3, 4, 6), (0,), (1,), (2,))
+  assert leafwise.gated([matrix, None, stack]) == [True, False, False]

@@ -309,12 +309,13 @@ def scale_by_ldadam(
       return update_leaf(g, mu, nu, proj_state, error, plan, index, state.count)
 
     fields = (state.mu, state.nu, state.projector, state.error)
+    leaf_plans = plans(updates)
     outputs, (mu, nu, projector_state, error) = leafwise.map_leaves(
       update_leaf_or_plain,
       updates,
       fields,
-      plans(updates),
-      in_sequence=True,
+      leaf_plans,
+      in_sequence=leafwise.gated([plan and plan.layout for plan in leaf_plans]),
     )
     return outputs, ScaleByLDAdamState(
       count=count_inc, mu=mu, nu=nu, projector=projector_state, error=error

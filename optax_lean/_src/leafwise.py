@@ -10,8 +10,13 @@ to order their updates, and XLA's schedulers are free to run them side by
 side, or to start the work that reads the state alone (a random basis drawn
 from a stored key, a moment rotated into a new basis) while backpropagation
 is still running. Each leaf's temporaries are then live at once. With
-``in_sequence=True`` every leaf's inputs are made to depend on the previous
-leaf's output (``after``), so one leaf's temporaries are live at a time.
+``in_sequence`` every leaf's inputs are made to depend on the previous leaf's
+output (``after``), so one leaf's temporaries are live at a time. Only
+separate matrices need it (``gated``): a stack walked by a loop
+(``walk.map_matrices``) already takes its matrices in turn, and a leaf with an
+elementwise update (a norm scale, an embedding under Adam) is best updated as
+soon as its gradient is ready, which a gate would delay to the end of the
+walk, holding its gradient meanwhile.
 """
 
 from __future__ import annotations
@@ -80,6 +85,16 @@ def after(token: jax.Array | None, tree: Any) -> Any:
   return jax.tree.map(depend, tree)
 
 
+def gated(layouts: Sequence[Any]) -> list[bool]:
+  """``in_sequence`` per leaf: whether it is a separate matrix.
+
+  Args:
+    layouts: Per leaf, its ``MatrixLayout``, or ``None`` where it is not read
+      as a matrix.
+  """
+  return [layout is not None and not layout.batch_shape for layout in layouts]
+
+
 def map_leaves(
   update_leaf: Callable[..., tuple[Any, ...]],
   updates: optax.Updates,
@@ -88,7 +103,7 @@ def map_leaves(
   *,
   outputs_like: optax.Updates | None = None,
   cast_outputs: bool = True,
-  in_sequence: bool = False,
+  in_sequence: bool | Sequence[bool] = False,
 ) -> tuple[optax.Updates, tuple[Any, ...]]:
   """Runs ``update_leaf`` on every leaf of ``updates`` and rebuilds the trees.
 
@@ -107,7 +122,8 @@ def map_leaves(
       they are returned as computed.
     in_sequence: Whether each leaf's inputs wait for the previous leaf's
       output (the first leaf's state waits for its gradient), so that the
-      leaves' temporaries are live one leaf at a time. Values do not change.
+      leaves' temporaries are live one leaf at a time, or that choice per
+      leaf (``gated``). Values do not change.
 
   Returns:
     ``(outputs, new_fields)``: the outputs in the dtype and sharding of
@@ -121,12 +137,13 @@ def map_leaves(
     [None] * len(leaves) if field is None else treedef.flatten_up_to(field) for field in fields
   ]
   outputs, new_columns = [], [[] for _ in fields]
-  token = token_of(leaves) if in_sequence else None
-  for index, (g, like, plan, *olds) in enumerate(zip(leaves, likes, plans, *columns)):
-    if in_sequence:
+  gates = [in_sequence] * len(leaves) if isinstance(in_sequence, bool) else list(in_sequence)
+  token = token_of(leaves) if any(gates) else None
+  for index, (g, like, plan, gate, *olds) in enumerate(zip(leaves, likes, plans, gates, *columns)):
+    if gate:
       g, olds = after(token, (g, olds))
     output, *news = update_leaf(index, g, *olds, plan)
-    if in_sequence:
+    if token is not None:
       latest = token_of((output, news))
       token = token if latest is None else latest
     if output is not None and cast_outputs:
