@@ -1,5 +1,7 @@
 """The leaf walk's ordering keeps every value and survives compilation."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,6 @@ def test_map_leaves_in_sequence_gives_the_same_updates():
 
 
 def test_only_separate_matrices_are_gated():
-  matrix = MatrixLayout((4, 6), (), (0,), (1,))
-  stack = MatrixLayout((3, 4, 6), (0,), (1,), (2,))
+  matrix = types.SimpleNamespace(layout=MatrixLayout((4, 6), (), (0,), (1,)))
+  stack = types.SimpleNamespace(layout=MatrixLayout((3, 4, 6), (0,), (1,), (2,)))
   assert leafwise.gated([matrix, None, stack]) == [True, False, False]

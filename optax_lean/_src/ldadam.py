@@ -315,7 +315,7 @@ def scale_by_ldadam(
       updates,
       fields,
       leaf_plans,
-      in_sequence=leafwise.gated([plan and plan.layout for plan in leaf_plans]),
+      in_sequence=leafwise.gated(leaf_plans),
     )
     return outputs, ScaleByLDAdamState(
       count=count_inc, mu=mu, nu=nu, projector=projector_state, error=error

@@ -85,14 +85,14 @@ def after(token: jax.Array | None, tree: Any) -> Any:
   return jax.tree.map(depend, tree)
 
 
-def gated(layouts: Sequence[Any]) -> list[bool]:
+def gated(plans: Sequence[Any]) -> list[bool]:
   """``in_sequence`` per leaf: whether it is a separate matrix.
 
   Args:
-    layouts: Per leaf, its ``MatrixLayout``, or ``None`` where it is not read
-      as a matrix.
+    plans: Per leaf, its plan (anything with a ``MatrixLayout`` as its
+      ``layout``), or ``None`` where it is not read as a matrix.
   """
-  return [layout is not None and not layout.batch_shape for layout in layouts]
+  return [plan is not None and not plan.layout.batch_shape for plan in plans]
 
 
 def map_leaves(

@@ -229,11 +229,7 @@ def scale_by_column_norm(
       return column_normalize(mu, layout), mu, None
 
     directions, (mu, nu) = leafwise.map_leaves(
-      update_leaf,
-      updates,
-      (state.mu, state.nu),
-      plans(updates),
-      in_sequence=True,
+      update_leaf, updates, (state.mu, state.nu), plans(updates)
     )
     return directions, ScaleByColumnNormState(count_inc, mu, nu)
 

@@ -312,7 +312,7 @@ class SubspaceAdam:
       updates,
       tuple(map(unflatten, (mus, nus, projs))),
       leaf_plans,
-      in_sequence=leafwise.gated([plan and plan.layout for plan in leaf_plans]),
+      in_sequence=leafwise.gated(leaf_plans),
     )
     return outputs, ScaleBySubspaceAdamState(count_inc, *fields), observed
 

@@ -388,7 +388,7 @@ def scale_by_subspace_momentum(
       updates,
       (unflatten(mus), unflatten(projs)),
       leaf_plans,
-      in_sequence=leafwise.gated([plan and plan.layout for plan in leaf_plans]),
+      in_sequence=leafwise.gated(leaf_plans),
     )
     return outputs, ScaleBySubspaceMomentumState(count=count_inc, mu=mu, projector=projector_state)
 
